@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Everything issue 8 measures, in one call on the GPU machine. Run from the repository root:
+#
+#   bash bench/gpu_suite.sh                      # default stages: env checkpoint roofline kernels throughput
+#   bash bench/gpu_suite.sh sglang               # real SGLang vs the built-in engine (needs /tmp/sglang-site unpacked;
+#                                                # do not export PYTHONPATH=/tmp/sglang-site: only the SGLang child gets it)
+#   bash bench/gpu_suite.sh env kernels          # any subset, in the order given (a stage may repeat)
+#   PATCH_SCRIPT=taskF/apply_engine_patch.py bash bench/gpu_suite.sh patch throughput_triton graphs_off
+#                                                # before/after an engine patch, same card, same call
+#
+# Stages: env checkpoint roofline kernels throughput (default), gpu_tests, replay, sglang, suite (the whole pytest
+# suite), patch (apply $PATCH_SCRIPT to this copy of the tree; later stages of the call run the patched code),
+# throughput_triton (built-in engine only, attention_backend=triton: the paged kernel, and CUDA graphs once patched),
+# graphs_off (built-in engine, routes on/overlap on, attention_backend=triton with the cuda_graphs=false option).
+# Stage i logs to $OUT/<i>-<stage>.log (JSON results alike) and its wall time to $OUT/summary.txt; a failed stage
+# never stops the next.
+# The whole call stops starting stages once SUITE_BUDGET seconds (default 540) have passed, and caps each stage's
+# timeout by what is left, so the summary and logs come back inside a 10-minute call.
+# Environment: OUT (default ./gpu-out), MODEL (default /tmp/bench-qwen3-moe), STAGE_TIMEOUT seconds (default 420),
+# SGLANG_SITE (default /tmp/sglang-site), THROUGHPUT_ARGS (extra bench.rollout_throughput flags), REPLAY_ARGS.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install below cannot run
+OUT="${OUT:-$REPO/gpu-out}"
+MODEL="${MODEL:-/tmp/bench-qwen3-moe}"
+STAGE_TIMEOUT="${STAGE_TIMEOUT:-420}"
+SUITE_BUDGET="${SUITE_BUDGET:-540}"
+SGLANG_SITE="${SGLANG_SITE:-/tmp/sglang-site}"
+mkdir -p "$OUT"
+SUITE_START=$SECONDS
+STAGE_COUNT=0
+
+stage_env() {
+  nvidia-smi || true
+  python - <<'EOF'
+import importlib, platform
+import torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
+for name in ("triton", "transformers", "safetensors", "numpy"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:  # report, keep going
+        print(name, "unavailable:", exc)
+# torch._grouped_mm self-check: does it exist, and is the calling convention what kernels/grouped_experts.py assumes?
+# Convention assumed: A [M, K] rows sorted by group, B [G, K, N], offs int32 [G] = cumulative END row of each group.
+print("torch._grouped_mm:", hasattr(torch, "_grouped_mm"), "| F.grouped_mm:", hasattr(torch.nn.functional, "grouped_mm"))
+if hasattr(torch, "_grouped_mm") and torch.cuda.is_available():
+    a = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(4, 64, 32, device="cuda", dtype=torch.bfloat16)
+    ends = [5, 5, 23, 40]  # group 1 is empty on purpose
+    out = torch._grouped_mm(a, b, offs=torch.tensor(ends, device="cuda", dtype=torch.int32))
+    starts = [0] + ends[:-1]
+    ref = torch.cat([a[s:e].float() @ b[g].float() for g, (s, e) in enumerate(zip(starts, ends))])
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    print(f"torch._grouped_mm(A[M,K], B[G,K,N], offs=cumulative ends int32): rel err {rel:.2e}",
+          "OK" if rel < 1e-2 else "MISMATCH")
+    try:
+        torch._grouped_mm(a.float(), b.float(), offs=torch.tensor(ends, device="cuda", dtype=torch.int32))
+        print("torch._grouped_mm fp32 on CUDA: accepted")
+    except Exception as exc:
+        print("torch._grouped_mm fp32 on CUDA: refused:", str(exc).splitlines()[0])
+EOF
+}
+
+stage_checkpoint() {
+  if [ -f "$MODEL/config.json" ]; then echo "reusing $MODEL"; else
+    python -m pip install -e . --no-deps --no-build-isolation -q || echo "editable install failed; using PYTHONPATH"
+    python -m recipes.cli init-model --preset bench-qwen3-moe --out "$MODEL" --device cuda
+  fi
+  du -sh "$MODEL"
+}
+
+stage_roofline() { python -m bench.roofline --model "$MODEL" --json "$OUT/$STAGE_ID-roofline.json"; }
+
+stage_kernels() {
+  python -m pytest tests/rollout/engine/kernels -q -p no:cacheprovider
+  python -m rollout.engine.kernels.microbench --json "$OUT/$STAGE_ID-microbench.json"
+}
+
+stage_gpu_tests() { python -m pytest tests -m gpu -q -p no:cacheprovider; }
+
+stage_suite() { python -m pytest tests -q -p no:cacheprovider -x --timeout 300; }
+
+stage_throughput() {
+  python -m bench.rollout_throughput --model "$MODEL" --json "$OUT/$STAGE_ID-throughput.json" ${THROUGHPUT_ARGS:-}
+}
+
+stage_throughput_triton() {
+  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --engine-option attention_backend=triton \
+    --json "$OUT/$STAGE_ID-throughput_triton.json" ${THROUGHPUT_ARGS:-}
+}
+
+stage_graphs_off() {
+  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on --engine-option attention_backend=triton \
+    --engine-option cuda_graphs=false --json "$OUT/$STAGE_ID-graphs_off.json" ${THROUGHPUT_ARGS:-}
+}
+
+stage_patch() {
+  if [ -z "${PATCH_SCRIPT:-}" ] || [ ! -f "$PATCH_SCRIPT" ]; then echo "PATCH_SCRIPT unset or missing: nothing applied"; return 1; fi
+  python "$PATCH_SCRIPT" . || return 1
+  git diff --stat 2>/dev/null || true
+}
+
+stage_replay() {
+  if [ -f bench/replay_overhead.py ]; then python -m bench.replay_overhead ${REPLAY_ARGS:-}
+  else echo "bench/replay_overhead.py not present: skipped"; fi
+}
+
+stage_sglang() {
+  if [ ! -d "$SGLANG_SITE/sglang" ]; then echo "no SGLang at $SGLANG_SITE (see ../shared/tools/sglang-on-gpu): skipped"; return 1; fi
+  # Same run, same card: the built-in engine with overlap on beside SGLang's three modes.
+  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on,off/on --sglang \
+    --engine-option attention_backend=triton \
+    --sglang-site "$SGLANG_SITE" --json "$OUT/$STAGE_ID-throughput_sglang.json" ${THROUGHPUT_ARGS:-}
+}
+
+run_stage() {
+  local name="$1" start=$SECONDS rc
+  if ! declare -F "stage_$name" >/dev/null; then echo "unknown stage $name" | tee -a "$OUT/summary.txt"; return; fi
+  STAGE_ID="$((++STAGE_COUNT))"
+  local left=$((SUITE_BUDGET - (SECONDS - SUITE_START)))
+  if [ "$left" -lt 30 ]; then echo "$STAGE_ID $name skipped: suite budget spent" | tee -a "$OUT/summary.txt"; return; fi
+  local limit=$((left < STAGE_TIMEOUT ? left : STAGE_TIMEOUT))
+  echo "=== $STAGE_ID $name (suite at $((SECONDS - SUITE_START))s)"
+  # timeout runs the stage in a child bash so one hung stage cannot eat the whole call
+  export -f "stage_$name"; export OUT MODEL SGLANG_SITE STAGE_ID
+  timeout --kill-after=10 "$limit" bash -c "stage_$name" >"$OUT/$STAGE_ID-$name.log" 2>&1
+  rc=$?
+  printf '%-3s %-12s rc=%-4s %5ss\n' "$STAGE_ID" "$name" "$rc" "$((SECONDS - start))" | tee -a "$OUT/summary.txt"
+  tail -n 25 "$OUT/$STAGE_ID-$name.log"
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(env checkpoint roofline kernels throughput)
+date -u +"suite start %Y-%m-%dT%H:%M:%SZ stages: ${stages[*]}" | tee -a "$OUT/summary.txt"
+for s in "${stages[@]}"; do run_stage "$s"; done
+echo "total $((SECONDS - SUITE_START))s" | tee -a "$OUT/summary.txt"

@@ -1,0 +1,94 @@
+"""``r3 inspect FILE [--model DIR]``: what a rollout file holds, and how its routes compare with a model's own."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Sequence
+
+import numpy as np
+
+from recipes.config import DTYPES
+from rollout.rollout_file import load_rollouts
+from rollout.types import Rollout
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="rollout file (r3-rollouts safetensors)")
+    p.add_argument("--model", help="checkpoint to compare the routes with (must be the model that made them)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the comparison forward")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+
+
+def summarize(rollouts: Sequence[Rollout], header: Any) -> dict[str, Any]:
+    routed = [r.routed_experts for r in rollouts if r.routed_experts is not None]
+    rows = sum(x.num_tokens for x in routed)
+    return {
+        "sequences": len(rollouts),
+        "prompt_tokens": sum(len(r.prompt_ids) for r in rollouts),
+        "generated_tokens": sum(len(r.output_ids) for r in rollouts),
+        "sequences_with_routes": len(routed),
+        "route_rows": rows,
+        "moe_layers": None if header.moe_layers is None else list(header.moe_layers),
+        "top_k": header.top_k,
+        "num_experts": header.num_experts,
+        "route_dtype": str(routed[0].ids.dtype) if routed else None,
+        "route_bytes_per_token": sum(x.nbytes for x in routed) / rows if rows else 0.0,
+        "finish_reasons": {k: sum(r.finish_reason == k for r in rollouts) for k in sorted({r.finish_reason for r in rollouts})},
+        "model_fingerprint": header.model_fingerprint,
+        "format_version": header.format_version,
+    }
+
+
+def native_agreement(model_dir: str, rollouts: Sequence[Rollout], dtype: str, micro_batch_size: int) -> np.ndarray:
+    """Per MoE layer: share of routed rows where the model's own top-k (transformers forward) equals the file's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import trainer_bridge
+    from rollout.moe_spec import MoESpec
+    from trainer_bridge.metrics import routing_agreement
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    spec = MoESpec.from_config(model.config)
+    same = np.zeros(len(spec.moe_layers))
+    total = np.zeros(len(spec.moe_layers))
+    with torch.no_grad():
+        for begin in range(0, len(rollouts), micro_batch_size):
+            batch = trainer_bridge.pad_batch(rollouts[begin : begin + micro_batch_size], spec)
+            with trainer_bridge.record(model) as recording:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+            valid = (batch.routes[..., 0] >= 0).reshape(-1, len(spec.moe_layers)).sum(0).numpy()
+            share = routing_agreement(recording.routes, batch.routes).numpy()
+            same += np.nan_to_num(share) * valid
+            total += valid
+    return same / np.maximum(total, 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.micro_batch_size < 1:
+        raise ValueError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
+    rollouts, header = load_rollouts(args.file)
+    info = summarize(rollouts, header)
+    if args.model:
+        from rollout.moe_spec import MoESpec
+        from rollout.rollout_file import model_fingerprint
+
+        fingerprint = model_fingerprint(args.model)
+        if header.model_fingerprint is not None and header.model_fingerprint != fingerprint:
+            raise ValueError(
+                f"{args.file} was recorded on model {header.model_fingerprint}, but {args.model} is {fingerprint}: "
+                "its routes do not belong to this model"
+            )
+        spec = MoESpec.from_pretrained(args.model)
+        for i, r in enumerate(rollouts):
+            if r.routed_experts is not None:
+                spec.check(r.routed_experts, what=f"routes of sequence {i}")
+        if info["sequences_with_routes"]:
+            per_layer = native_agreement(args.model, rollouts, args.dtype, args.micro_batch_size)
+            info["native_routing_agreement"] = float(per_layer.mean())
+            info["native_routing_agreement_per_layer"] = [round(float(x), 6) for x in per_layer]
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        shown = f"{value:.4%}" if key == "native_routing_agreement" else value
+        print(f"{key.ljust(width)}  {shown}")
+    return 0

@@ -1,0 +1,57 @@
+"""``r3 serve --model DIR [--host 127.0.0.1] [--port N] [--api-key KEY] [--device cpu] [--dtype float32] [--no-capture]``.
+
+Puts the built-in engine behind SGLang's ``/generate`` protocol. Binds to
+loopback unless ``--host`` says otherwise; ``--port 0`` picks a free port. The
+first line on stdout is ``r3 serve: listening on http://HOST:PORT`` so scripts
+and tests can read the port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from rollout.serve.server import DEFAULT_REQUEST_TIMEOUT_S, LOOPBACK, open_server
+
+DEFAULT_PORT = 30000  # SGLang's default
+LISTENING_PREFIX = "r3 serve: listening on "
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF checkpoint directory (see r3 init-model)")
+    p.add_argument("--host", default=LOOPBACK, help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--no-capture", action="store_true",
+        help="do not record routed experts (like SGLang without --enable-return-routed-experts)",
+    )
+    p.add_argument("--max-running-requests", type=int, default=None, help="engine batch limit")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, help="seconds per request")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    options = {} if args.max_running_requests is None else {"max_running_requests": args.max_running_requests}
+    server = open_server(
+        args.model, host=args.host, port=args.port, api_key=args.api_key, capture=not args.no_capture,
+        device=args.device, dtype=args.dtype, request_timeout=args.request_timeout, **options,
+    )
+    print(f"{LISTENING_PREFIX}{server.url}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    print("r3 serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

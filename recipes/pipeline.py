@@ -1,0 +1,268 @@
+"""The main job: rollout with routes, trainer logprobs with native routing and with replay, a report.
+
+Everything lands in a scratch directory that replaces ``output.dir`` in one
+rename at the end, so an interrupted run leaves no half-written output; the
+recipe was validated before this module runs, so a bad recipe writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from recipes.config import Recipe, sampling_params, to_dict
+from recipes.report import Condition, build_report, table, write_report
+from rollout.atomic import atomic_dir
+from rollout.moe_spec import MoESpec
+from rollout.rollout_file import model_fingerprint, save_rollouts
+from rollout.types import Rollout
+
+ROLLOUT_FILE = "rollouts.safetensors"
+
+
+# ------------------------------------------------------------------- inputs
+def resolve_model(recipe: Recipe) -> Path:
+    """The checkpoint directory, made (atomically, once) when the recipe names a preset."""
+    from rollout.presets import PRESETS, init_model
+
+    from recipes.demo_model import ensure_demo_model
+
+    model = recipe.model
+    if model.name not in PRESETS:
+        return Path(model.name)
+    if model.init == "unit-scale":
+        return ensure_demo_model(model.dir, model.name, model.seed)
+    path = Path(model.dir) / f"{model.name}-seed{model.seed}"
+    if not (path / "config.json").is_file():
+        init_model(model.name, path, seed=model.seed)
+    return path
+
+
+def read_prompts_jsonl(path: str | Path, limit: int | None = None) -> list[list[int]]:
+    """``{"input_ids": [...]}`` per line; blank lines are skipped, anything else is an error naming the line."""
+    prompts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            ids = item.get("input_ids") if isinstance(item, dict) else None
+            if (not isinstance(ids, list) or not ids
+                    or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids)):
+                raise ValueError(f'{path}:{number}: expected {{"input_ids": [non-negative ints, ...]}}')
+            prompts.append(ids)
+            if limit is not None and len(prompts) == limit:
+                break
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def recipe_prompts(recipe: Recipe, vocab_size: int) -> list[list[int]]:
+    from recipes.demo_model import synthetic_prompts
+
+    cfg = recipe.rollout.prompts
+    if cfg.source == "jsonl":
+        return read_prompts_jsonl(cfg.path, recipe.rollout.num_prompts)
+    return synthetic_prompts(recipe.rollout.num_prompts, cfg.length, vocab_size, cfg.seed)
+
+
+# ------------------------------------------------------------------ rollout
+def generate(
+    model_dir: Path, recipe: Recipe, prompts: list[list[int]], progress: bool = True
+) -> tuple[list[Rollout], float]:
+    """Rollouts in prompt order and the wall time of generating them (engine start-up excluded)."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from rollout.worker import RolloutWorker
+
+    ro = recipe.rollout
+    base = sampling_params(ro.sampling)
+    samplings = [base if base.seed is None else replace(base, seed=base.seed + i) for i in range(len(prompts))]
+    with RolloutWorker(
+        model_dir, engine=ro.engine, device=ro.device, dtype=ro.dtype, overlap=ro.overlap,
+        return_routed_experts=True, max_running_requests=ro.max_running_requests,
+        max_batch_tokens=ro.max_batch_tokens, kv_slots=ro.kv_slots,
+    ) as worker:
+        engine = worker.backend
+        start = time.perf_counter()
+        with tqdm(total=len(prompts), desc="rollout", unit="seq", disable=not progress, file=sys.stderr) as bar:
+            # The engine's own request/step loop (what generate() does), so the bar moves as sequences finish.
+            order = {}
+            for i, (p, s) in enumerate(zip(prompts, samplings)):
+                try:
+                    order[engine.add_request(p, s)] = i
+                except ValueError as exc:
+                    raise ValueError(f"prompt {i}: {exc}") from None
+            done: dict[int, Rollout] = {}
+            while len(done) < len(order):
+                for rid, rollout in engine.step():
+                    if rid in order:
+                        done[order[rid]] = rollout
+                        bar.update(1)
+        seconds = time.perf_counter() - start
+    return [done[i] for i in range(len(prompts))], seconds
+
+
+# ------------------------------------------------------------------ trainer
+@dataclass
+class TrainerPass:
+    """Per micro-batch results of the trainer forwards, flattened over response tokens / route rows."""
+
+    logp: list[np.ndarray]  # response-token logprobs, masked entries dropped
+    routes: list[np.ndarray]  # [rows, L, K] ids that reached the experts, for rows with a rollout route
+
+
+def _expert_inputs(model: Any, num_moe_layers: int) -> tuple[list[Any], Callable[[], list[Any]]]:
+    """Observe the top-k ids each MoE block hands its experts module, independently of trainer_bridge.
+
+    transformers 5 MoE blocks call ``experts(hidden_states, top_k_index, top_k_weights)``;
+    a model built otherwise is refused, since the replay check would be hollow.
+    """
+    modules = [m for name, m in model.named_modules() if name.endswith(".experts")]
+    if len(modules) != num_moe_layers:
+        raise ValueError(
+            f"found {len(modules)} '*.experts' modules for {num_moe_layers} MoE layers: cannot observe the ids "
+            "reaching the experts"
+        )
+    seen: list[Any] = []
+
+    def hook(module: Any, args: tuple[Any, ...]) -> None:
+        seen.append(args[1].detach().to("cpu", copy=True))
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+
+    def remove() -> list[Any]:
+        for h in handles:
+            h.remove()
+        return seen
+
+    return seen, remove
+
+
+def trainer_logprobs(model_dir: Path, recipe: Recipe, rollouts: Sequence[Rollout]) -> dict[str, Any]:
+    """Native and replayed trainer forwards over the rollouts, in micro-batches."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import trainer_bridge
+    from trainer_bridge.metrics import token_logprobs
+
+    tr = recipe.trainer
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, tr.dtype)).to(tr.device).eval()
+    spec = MoESpec.from_config(model.config)
+    L = len(spec.moe_layers)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "rollout_logp", "native_logp", "replay_logp", "rollout_routes", "native_routes", "replay_routes")}
+
+    def forward(batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Response logprobs [B, R] and the ids the experts received [B, S, L, K]."""
+        seen, remove = _expert_inputs(model, L)
+        try:
+            logits = model(input_ids=batch.input_ids.to(tr.device), attention_mask=batch.attention_mask.to(tr.device),
+                           position_ids=batch.position_ids.to(tr.device)).logits
+        finally:
+            remove()
+        B, S = batch.input_ids.shape
+        ids = torch.stack([s.reshape(B, S, -1) for s in seen], dim=2)
+        return token_logprobs(logits, batch.input_ids.to(tr.device)).float().cpu().numpy(), ids.numpy()
+
+    with torch.no_grad():
+        for begin in range(0, len(rollouts), tr.micro_batch_size):
+            mb = rollouts[begin : begin + tr.micro_batch_size]
+            batch = trainer_bridge.pad_batch(mb, spec)
+            P = max(len(r.prompt_ids) for r in mb)
+            R = batch.input_ids.shape[1] - P
+            resp_mask = batch.attention_mask[:, P:].bool().numpy()
+            row_mask = (batch.routes[..., 0, 0] >= 0).numpy()  # rows the rollout routed
+            rollout_lp = np.zeros((len(mb), R), np.float32)
+            for i, r in enumerate(mb):
+                rollout_lp[i, : len(r.output_ids)] = r.output_logprobs
+            native_lp, native_ids = forward(batch)
+            out["rollout_logp"].append(rollout_lp[resp_mask])
+            out["native_logp"].append(native_lp[:, P - 1 : P - 1 + R][resp_mask])
+            out["rollout_routes"].append(batch.routes.numpy()[row_mask])
+            out["native_routes"].append(native_ids[row_mask])
+            if tr.replay == "off":
+                continue
+            routes = batch.routes if tr.replay == "r3" else torch.from_numpy(native_ids)
+            with trainer_bridge.replay(model, routes, guard=tr.guard):
+                replay_lp, replay_ids = forward(batch)
+            out["replay_logp"].append(replay_lp[:, P - 1 : P - 1 + R][resp_mask])
+            out["replay_routes"].append(replay_ids[row_mask])
+    return {k: (np.concatenate(v) if v else None) for k, v in out.items()}
+
+
+def _condition(label: str, rollout_routes: np.ndarray, routes: np.ndarray, rollout_logp: np.ndarray,
+               logp: np.ndarray) -> Condition:
+    from trainer_bridge.metrics import logprob_mismatch, routing_agreement
+
+    return Condition(
+        label=label,
+        layer_agreement=routing_agreement(routes, rollout_routes).numpy(),
+        abs_logprob_diff=np.abs(rollout_logp.astype(np.float64) - logp),
+        mismatch=logprob_mismatch(rollout_logp, logp),
+    )
+
+
+# ---------------------------------------------------------------------- run
+def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``recipe`` end to end; returns ``report.json``'s content."""
+    model_dir = resolve_model(recipe)
+    spec = MoESpec.from_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    prompts = recipe_prompts(recipe, int(config["vocab_size"]))
+    fingerprint = model_fingerprint(model_dir)
+    target = Path(recipe.output.dir)
+    with atomic_dir(target) as tmp:
+        log(f"model {model_dir} ({fingerprint}); {len(prompts)} prompts")
+        rollouts, seconds = generate(model_dir, recipe, prompts, progress)
+        save_rollouts(tmp / ROLLOUT_FILE, rollouts, model_fingerprint=fingerprint, meta={"recipe": to_dict(recipe)})
+        log(f"trainer: native{'' if recipe.trainer.replay == 'off' else ' and ' + recipe.trainer.replay} forwards")
+        t = trainer_logprobs(model_dir, recipe, rollouts)
+        native = _condition("native routing", t["rollout_routes"], t["native_routes"], t["rollout_logp"],
+                            t["native_logp"])
+        replay = None
+        if recipe.trainer.replay != "off":
+            label = "R3 replay (rollout routes)" if recipe.trainer.replay == "r3" else "R2 replay (trainer routes)"
+            replay = _condition(label, t["rollout_routes"], t["replay_routes"], t["rollout_logp"], t["replay_logp"])
+        generated = sum(len(r.output_ids) for r in rollouts)
+        route_rows = sum(r.routed_experts.num_tokens for r in rollouts if r.routed_experts is not None)
+        route_bytes = sum(r.routed_experts.nbytes for r in rollouts if r.routed_experts is not None)
+        ro = recipe.rollout
+        report = build_report(
+            native, replay,
+            rollout={
+                "engine": ro.engine, "device": ro.device, "dtype": ro.dtype, "overlap": ro.overlap,
+                "sequences": len(rollouts), "prompt_tokens": sum(len(r.prompt_ids) for r in rollouts),
+                "generated_tokens": generated, "seconds": seconds,
+                "tokens_per_second": generated / seconds,
+                "route_rows": route_rows,
+                "route_bytes_per_token": route_bytes / route_rows if route_rows else 0.0,
+                "route_dtype": str(rollouts[0].routed_experts.ids.dtype) if route_rows else None,
+                "num_moe_layers": len(spec.moe_layers), "top_k": spec.top_k, "num_experts": spec.num_experts,
+                "finish_reasons": {k: sum(r.finish_reason == k for r in rollouts)
+                                   for k in sorted({r.finish_reason for r in rollouts})},
+            },
+            run={
+                "model": str(model_dir), "model_fingerprint": fingerprint, "replay": recipe.trainer.replay,
+                "trainer_dtype": recipe.trainer.dtype, "trainer_device": recipe.trainer.device,
+                "rollout_file": ROLLOUT_FILE, "recipe": to_dict(recipe),
+                "tokens_per_second_note": "generated tokens / wall time of the generate loop (engine load excluded)",
+            },
+        )
+        write_report(tmp, report, native, replay)
+    log(table(report))
+    log(f"wrote {target}/ (report.json, report.md, report.png, {ROLLOUT_FILE})")
+    return report

@@ -1,0 +1,99 @@
+"""A host ``Batch`` plan turned into device tensors with one non-blocking copy.
+
+Everything a step needs (ids, positions, slots, padding maps, request-table
+writes, sampling rows) is packed on the host into one int64 and one float32
+buffer, pinned, and copied asynchronously; nothing here reads a device tensor,
+so building step N+1 never waits for step N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rollout.engine.models.layers import AttentionMetadata
+from rollout.engine.sampler import SamplingTensors
+from rollout.engine.scheduler import Batch
+
+
+def to_device(arrays: list[np.ndarray], dtype: np.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Copy several host arrays in one (pinned, non-blocking) transfer; returns device views."""
+    flat = np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in arrays]) if arrays else np.zeros(0, dtype)
+    host = torch.from_numpy(flat)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    dev = host.to(device, non_blocking=True)
+    out, offset = [], 0
+    for a in arrays:
+        size = int(np.asarray(a).size)
+        out.append(dev[offset : offset + size].view(np.asarray(a).shape))
+        offset += size
+    return out
+
+
+@dataclass
+class DeviceBatch:
+    input_ids: torch.Tensor  # [N], negative = placeholder for a token still in flight
+    positions: torch.Tensor
+    out_cache_loc: torch.Tensor
+    table_rows: torch.Tensor
+    table_cols: torch.Tensor
+    table_slots: torch.Tensor
+    meta: AttentionMetadata
+    sample_index: torch.Tensor  # [S] flat index of each sampling chunk's last token
+    sample_rows: torch.Tensor  # [S] request-table rows (index of the future-token buffer)
+    sampling: SamplingTensors | None
+
+
+def build(batch: Batch, req_to_slot: torch.Tensor, device: torch.device, vocab_size: int) -> DeviceBatch:
+    ext = np.asarray(batch.extend_lens, dtype=np.int64)
+    n, b, max_q = int(ext.sum()), len(ext), int(ext.max())
+    starts = np.concatenate([[0], np.cumsum(ext)[:-1]])
+    q_slot = np.arange(max_q)[None, :]
+    valid = q_slot < ext[:, None]
+    pad_index = np.where(valid, starts[:, None] + q_slot, n)
+    q_pos = np.where(valid, batch.positions[np.minimum(pad_index, n - 1)], 0)
+    unpad_index = (np.arange(b)[:, None] * max_q + q_slot)[valid]
+    kv_lens = batch.positions[starts + ext - 1] + 1
+    max_kv = int(kv_lens.max())
+
+    sampled = np.asarray(batch.samples, dtype=bool)
+    sample_index = (starts + ext - 1)[sampled]
+    sample_reqs = [r for r, s in zip(batch.requests, batch.samples) if s]
+    seeds = np.asarray([r.seed for r in sample_reqs], dtype=np.int64)
+    sample_pos = batch.positions[sample_index] + 1
+    top_k = np.asarray([r.sampling.top_k if r.sampling.top_k > 0 else vocab_size for r in sample_reqs], dtype=np.int64)
+
+    ints = [
+        batch.input_ids, batch.positions, batch.out_cache_loc, batch.table_rows, batch.table_cols,
+        batch.table_slots, pad_index, q_pos, unpad_index, batch.rows, kv_lens, sample_index,
+        batch.rows[sampled], seeds, sample_pos, top_k,
+    ]
+    (input_ids, positions, loc, t_rows, t_cols, t_slots, pad_t, q_pos_t, unpad_t, rows_t, kv_lens_t,
+     sample_index_t, sample_rows_t, seeds_t, sample_pos_t, top_k_t) = to_device(ints, np.int64, device)
+    temps = [float(r.sampling.temperature) for r in sample_reqs]
+    # top_p = 1 must keep every token: a cumulative sum can round past 1 before the tail
+    top_ps = [float(r.sampling.top_p) if r.sampling.top_p < 1 else 2.0 for r in sample_reqs]
+    temp_t, top_p_t = to_device([np.asarray(temps), np.asarray(top_ps)], np.float32, device)
+
+    # the request table must hold this step's slots before attention gathers through it
+    req_to_slot[t_rows, t_cols] = t_slots
+    kv_slots = req_to_slot[rows_t, :max_kv]
+    mask = torch.arange(max_kv, device=device)[None, None, :] <= q_pos_t[:, :, None]
+    meta = AttentionMetadata(
+        kv_slots=kv_slots, mask=mask[:, None], pad_index=pad_t, unpad_index=unpad_t, seq_rows=rows_t, kv_lens=kv_lens_t,
+        req_to_slot=req_to_slot, decode=max_q == 1,
+    )
+    sampling = None
+    if sample_reqs:
+        sampling = SamplingTensors(
+            temperature=temp_t, top_p=top_p_t, top_k=top_k_t, seeds=seeds_t, positions=sample_pos_t,
+            needs_truncation=any(r.sampling.top_k > 0 or r.sampling.top_p < 1 for r in sample_reqs if not r.sampling.greedy),
+            all_greedy=all(r.sampling.greedy for r in sample_reqs),
+        )
+    return DeviceBatch(
+        input_ids=input_ids, positions=positions, out_cache_loc=loc, table_rows=t_rows, table_cols=t_cols,
+        table_slots=t_slots, meta=meta, sample_index=sample_index_t, sample_rows=sample_rows_t, sampling=sampling,
+    )

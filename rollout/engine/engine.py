@@ -1,0 +1,311 @@
+"""The engine loop: schedule, launch, process; with overlap the device runs step N+1
+while the host processes step N.
+
+``step()`` is the whole loop and reads top to bottom:
+
+    batch = schedule()          # host only; in-flight tokens are placeholders
+    launched = launch(batch)    # forward + sample + future-token write + async D2H copies + copy_done event
+    process(previous)           # copy_done.synchronize -> finalize routes -> append tokens -> finish
+    previous = launched
+
+``overlap=False`` processes each step right after launching it. Both paths run the
+same code on CPU, where the events are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rollout.engine import batch as batch_mod
+from rollout.engine.capture import RouteCapture, RoutedExpertsOutput
+from rollout.engine.config import EngineConfig
+from rollout.engine.kvcache import KVPool, PrefixCache, RequestTable, SlotAllocator
+from rollout.engine.models import arch_from_config
+from rollout.engine.models.layers import triton_decode_attention
+from rollout.engine.models.loader import read_config
+from rollout.engine.models.model import MoEModel
+from rollout.engine.sampler import sample
+from rollout.engine.scheduler import BLOCKED, Batch, Request, Scheduler
+from rollout.moe_spec import MoESpec
+from rollout.routed_experts import RoutedExperts
+from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Launched:
+    """A step on the device: what the host must wait for and read back."""
+
+    batch: Batch
+    next_ids: torch.Tensor | None  # host (pinned) [S], valid after copy_done
+    logprobs: torch.Tensor | None
+    routes: RoutedExpertsOutput | None
+    copy_done: torch.cuda.Event | None
+
+
+class Engine:
+    def __init__(self, model_path: str | os.PathLike, config: EngineConfig | None = None, **options: object) -> None:
+        if config is not None and options:
+            raise ValueError("pass either an EngineConfig or keyword options, not both")
+        self.config = config if config is not None else EngineConfig.from_options(**options)
+        cfg = read_config(model_path)
+        arch = arch_from_config(cfg)  # unsupported family fails here, before any weight is read
+        self.spec = MoESpec.from_config(cfg)
+        self.device = torch.device(self.config.device)
+        self.max_context = self.config.context_limit(arch.max_positions)
+        decode_attention = triton_decode_attention if self.config.attention_backend == "triton" else None
+        self.model = MoEModel(model_path, self.device, _DTYPES[self.config.dtype], self.max_context, decode_attention)
+        a = self.model.arch
+        self.kv = KVPool(a.num_layers, self.config.kv_slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.device)
+        self.slots = SlotAllocator(self.config.kv_slots)
+        self.table = RequestTable(self.config.max_running_requests, self.max_context, self.device)
+        self.capture = (
+            RouteCapture(len(a.moe_layers), a.top_k, a.num_experts, self.config.max_batch_tokens, self.config.kv_slots, self.device)
+            if self.config.return_routed_experts
+            else None
+        )
+        prefix_cache = PrefixCache() if self.config.enable_prefix_cache else None
+        self.scheduler = Scheduler(self.slots, self.table, prefix_cache, self.config.max_batch_tokens, self._snapshot_routes)
+        # next-token ids by request-table row: step N writes them, step N+1 reads them, all on the device
+        self.future_tokens = torch.zeros(self.config.max_running_requests, dtype=torch.int64, device=self.device)
+        self._requests: dict[int, Request] = {}
+        self._next_rid = 0
+        self._aborting: set[int] = set()
+        self._undelivered: list[tuple[int, Rollout]] = []  # finished while generate() waited for others
+        self._in_flight: _Launched | None = None
+        self._seed_rng = random.Random()
+
+    # ------------------------------------------------------------------ API
+    def add_request(self, prompt_ids: list[int], sampling: SamplingParams, start_len: int = 0) -> int:
+        """Validate and queue one request; a bad one raises here and never touches the batch."""
+        prompt = self._check_prompt(prompt_ids)
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if isinstance(start_len, bool) or not isinstance(start_len, int) or not 0 <= start_len <= len(prompt):
+            raise ValueError(f"start_len must be an integer in [0, len(prompt)={len(prompt)}], got {start_len!r}")
+        rid = self._next_rid
+        self._next_rid += 1
+        seed = sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63)
+        budget = min(sampling.max_new_tokens, self.max_context - len(prompt))
+        req = Request(rid=rid, prompt_ids=prompt, sampling=sampling, start_len=start_len, seed=seed, output_budget=budget)
+        self._requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def abort(self, rid: int) -> None:
+        """Stop ``rid``; it comes back from a later ``step()`` with finish_reason "abort"."""
+        if rid not in self._requests:
+            raise ValueError(f"no unfinished request with id {rid}")
+        self._requests[rid].abort_requested = True
+        self._aborting.add(rid)
+
+    def step(self) -> list[tuple[int, Rollout]]:
+        """One loop iteration; returns the requests that finished in it."""
+        finished, self._undelivered = self._undelivered, []
+        batch = self.scheduler.schedule(can_preempt=self._in_flight is None)
+        if batch is BLOCKED:  # preemption snapshots routes, so every step must be finalized first
+            finished += self._drain()
+            batch = self.scheduler.schedule(can_preempt=True)
+        launched = self._launch(batch) if isinstance(batch, Batch) else None
+        if self._in_flight is not None:
+            finished += self._process(self._in_flight)  # overlaps with `launched` on the device
+        self._in_flight = launched
+        if not self.config.overlap:
+            finished += self._drain()
+        return finished + self._finish_aborted()
+
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams], start_len: int | list[int] = 0
+    ) -> list[Rollout]:
+        """Run ``prompts`` to completion (with whatever else is queued); results in prompt order.
+
+        Every prompt is validated before any is queued, so one bad prompt raises
+        without leaving half a batch behind.
+        """
+        n = len(prompts)
+        samplings = sampling if isinstance(sampling, list) else [sampling] * n
+        starts = start_len if isinstance(start_len, list) else [start_len] * n
+        if len(samplings) != n or len(starts) != n:
+            raise ValueError(f"got {n} prompts but {len(samplings)} sampling params and {len(starts)} start_len values")
+        for i, p in enumerate(prompts):
+            try:
+                self._check_prompt(p)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
+        rids = [self.add_request(p, s, st) for p, s, st in zip(prompts, samplings, starts)]
+        wanted, done, others = set(rids), {}, []
+        while wanted - done.keys():
+            if not self.scheduler.has_work() and self._in_flight is None:
+                raise RuntimeError(f"engine went idle with requests {sorted(wanted - done.keys())} unfinished")
+            for rid, rollout in self.step():
+                if rid in wanted:
+                    done[rid] = rollout
+                else:
+                    others.append((rid, rollout))
+        self._undelivered += others  # requests added with add_request come back from the next step()
+        return [done[rid] for rid in rids]
+
+    def close(self) -> None:
+        """Wait for the step in flight; unfinished requests are dropped."""
+        self._drain()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        s = self.scheduler
+        return {
+            "prefix_hit_tokens": s.prefix_hit_tokens,
+            "computed_tokens": s.computed_tokens,
+            "preemptions": s.num_preemptions,
+            "cached_tokens": s.prefix_cache.num_cached if s.prefix_cache is not None else 0,
+            "free_slots": self.slots.num_free,
+        }
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """fp32 logits ``[T, V]`` of every prompt position, for checks against a reference forward."""
+        prompt = self._check_prompt(prompt_ids)
+        self._drain()
+        n = len(prompt)
+        slots, row = self.slots.alloc(n), self.table.alloc()
+        idx = np.arange(n, dtype=np.int64)
+        plan = Batch(
+            requests=[], rows=np.asarray([row], np.int64), extend_lens=[n], samples=[False],
+            input_ids=np.asarray(prompt, np.int64), positions=idx, out_cache_loc=np.asarray(slots, np.int64),
+            table_rows=np.full(n, row, np.int64), table_cols=idx, table_slots=np.asarray(slots, np.int64),
+        )
+        try:
+            dev = batch_mod.build(plan, self.table.req_to_slot, self.device, self.model.arch.vocab_size)
+            hidden = self.model.forward(dev.input_ids, dev.positions, dev.out_cache_loc, dev.meta, self.kv.k, self.kv.v, None)
+            return self.model.logits(hidden).cpu()
+        finally:
+            self.slots.free(slots)
+            self.table.free(row)
+
+    # ------------------------------------------------------------- the step
+    @torch.inference_mode()
+    def _launch(self, batch: Batch) -> _Launched:
+        dev = batch_mod.build(batch, self.table.req_to_slot, self.device, self.model.arch.vocab_size)
+        ids = dev.input_ids
+        ids = torch.where(ids < 0, self.future_tokens[(-ids - 1).clamp(min=0)], ids)
+        record = self.capture.record if self.capture is not None else None
+        hidden = self.model.forward(ids, dev.positions, dev.out_cache_loc, dev.meta, self.kv.k, self.kv.v, record)
+        next_ids = logprobs = None
+        if dev.sampling is not None:
+            tokens, lps = sample(self.model.logits(hidden[dev.sample_index]), dev.sampling)
+            self.future_tokens[dev.sample_rows] = tokens
+            next_ids, logprobs = _copy_to_host(tokens), _copy_to_host(lps)
+        routes = self.capture.copy_to_cpu(batch.out_cache_loc) if self.capture is not None else None
+        copy_done = None
+        if self.device.type == "cuda":
+            copy_done = torch.cuda.Event()
+            copy_done.record()
+        return _Launched(batch, next_ids, logprobs, routes, copy_done)
+
+    def _process(self, launched: _Launched) -> list[tuple[int, Rollout]]:
+        if launched.copy_done is not None:
+            launched.copy_done.synchronize()
+        batch = launched.batch
+        done_before = np.asarray([r.finish_reason is not None for r in batch.requests], dtype=bool)
+        if launched.routes is not None:
+            keep = np.repeat(~done_before, batch.extend_lens) if done_before.any() else None
+            launched.routes.finalize(self.capture.host_cache, keep)
+        tokens = launched.next_ids.tolist() if launched.next_ids is not None else []
+        lps = launched.logprobs.tolist() if launched.logprobs is not None else []
+        finished, j = [], 0
+        for r, sampled, stale in zip(batch.requests, batch.samples, done_before):
+            r.inflight_steps -= 1
+            if not sampled:
+                continue
+            tok, lp = tokens[j], lps[j]
+            j += 1
+            r.inflight_samples -= 1
+            if stale:  # overlap ran one step past this request's stop token: drop that token
+                continue
+            r.output_ids.append(tok)
+            r.output_logprobs.append(lp)
+            if tok in r.sampling.stop_token_ids:
+                finished.append(self._finish(r, FINISH_STOP))
+            elif len(r.output_ids) >= r.output_budget:
+                finished.append(self._finish(r, FINISH_LENGTH))
+        return finished
+
+    def _drain(self) -> list[tuple[int, Rollout]]:
+        launched, self._in_flight = self._in_flight, None
+        return self._process(launched) if launched is not None else []
+
+    # ------------------------------------------------------ finish & routes
+    def _finish(self, r: Request, reason: str) -> tuple[int, Rollout]:
+        routes = self._routes_of(r) if self.capture is not None else None
+        self.scheduler.finish(r, reason)
+        del self._requests[r.rid]
+        meta = {"prefix_hit_tokens": r.prefix_hit_tokens, "preemptions": r.num_preemptions, "seed": r.seed}
+        rollout = Rollout(
+            prompt_ids=list(r.prompt_ids), output_ids=list(r.output_ids), output_logprobs=list(r.output_logprobs),
+            finish_reason=reason, routed_experts=routes, meta=meta,
+        )
+        return r.rid, rollout
+
+    def _finish_aborted(self) -> list[tuple[int, Rollout]]:
+        """Aborted requests leave once none of their steps is in flight (their routes are then final)."""
+        out = []
+        for rid in list(self._aborting):
+            r = self._requests.get(rid)
+            if r is None:  # it finished on its own first
+                self._aborting.discard(rid)
+            elif r.inflight_steps == 0:
+                self._aborting.discard(rid)
+                out.append(self._finish(r, FINISH_ABORT))
+        return out
+
+    def _route_rows(self, r: Request, n: int) -> np.ndarray:
+        """Routes of positions ``[0, n)``: snapshot from a preemption first, then the host cache by slot."""
+        cache = self.capture.host_cache
+        rows = np.full((n,) + cache.shape[1:], np.iinfo(cache.dtype).max, dtype=cache.dtype)
+        m = min(n, len(r.slots))
+        rows[:m] = self.capture.gather(r.slots[:m])
+        if r.saved_routes is not None:
+            s = min(n, len(r.saved_routes))
+            rows[:s] = r.saved_routes[:s]
+        return rows
+
+    def _snapshot_routes(self, r: Request) -> None:
+        """Before a preemption frees ``r``'s slots: the routes the sampled tokens were made with."""
+        if self.capture is not None:
+            r.saved_routes = self._route_rows(r, len(r.slots))
+
+    def _routes_of(self, r: Request) -> RoutedExperts:
+        """Rows for positions ``[start_len, seq_len - 1)``: the last sampled token never went through the model."""
+        rows = self._route_rows(r, r.num_known - 1)
+        return RoutedExperts(rows[r.start_len :], self.spec.num_experts, self.spec.moe_layers, r.start_len)
+
+    def _check_prompt(self, prompt_ids: object) -> list[int]:
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise ValueError("prompt must be a non-empty list of token ids")
+        vocab = self.model.arch.vocab_size
+        for t in prompt_ids:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab:
+                raise ValueError(f"token id {t!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.max_context} tokens "
+                "(it needs room for at least one new token)"
+            )
+        return [int(t) for t in prompt_ids]
+
+
+def _copy_to_host(t: torch.Tensor) -> torch.Tensor:
+    """Non-blocking D2H into pinned memory (a plain copy on CPU); read it after copy_done."""
+    if t.device.type != "cuda":
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out

@@ -1,0 +1,262 @@
+"""What runs next: continuous batching over the KV pool, on host state only.
+
+The scheduler never waits for the device. Under overlap it plans step N+1 while
+step N's tokens are still unknown: a request whose last token is in flight is fed a
+*placeholder* (``-(row + 1)``) that the device resolves from its future-token buffer.
+It knows how many tokens each request will have (``inflight_samples``), so
+``max_new_tokens`` and the context limit are never overshot; only a stop token is
+learned one step late (the engine discards that extra token).
+
+Policy (SGLang's default): prefill first (continuing chunked prefills, then admitting
+waiting requests FIFO within ``max_batch_tokens``, free rows and free slots), else one
+decode token for every running request. When the pool runs dry the newest running
+request is preempted: its routes are snapshotted, its slots freed, and it goes back
+to the front of the queue. Preemption needs every finalize done, so with steps in
+flight the scheduler answers ``BLOCKED`` and the engine drains first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from rollout.engine.kvcache import PrefixCache, RequestTable, SlotAllocator
+from rollout.types import SamplingParams
+
+BLOCKED = "blocked"
+
+
+@dataclass(eq=False)
+class Request:
+    rid: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    start_len: int
+    seed: int
+    output_budget: int  # min(max_new_tokens, context limit - prompt)
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    row: int | None = None  # request-table row while it holds KV
+    slots: list[int] = field(default_factory=list)  # KV slot of positions [0, len(slots))
+    prefix_path: list = field(default_factory=list)  # locked prefix-cache nodes behind slots[:len(prefix_path)]
+    table_synced: int = 0  # device request table holds slots[:table_synced] for this row
+    inflight_samples: int = 0  # launched, unprocessed steps that sample a token for this request
+    inflight_steps: int = 0  # launched, unprocessed steps that feed tokens of this request
+    saved_routes: np.ndarray | None = None  # routes of positions [0, len) kept across preemption
+    finish_reason: str | None = None
+    abort_requested: bool = False
+    num_preemptions: int = 0
+    prefix_hit_tokens: int = 0  # tokens served from the prefix cache, over all admissions
+
+    @property
+    def num_known(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def token_at(self, position: int) -> int | None:
+        """The token at ``position``, or None while it is still being sampled (in flight)."""
+        n = len(self.prompt_ids)
+        if position < n:
+            return self.prompt_ids[position]
+        return self.output_ids[position - n] if position - n < len(self.output_ids) else None
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet fed through the model (the last one may still be in flight)."""
+        return self.num_known + self.inflight_samples - len(self.slots)
+
+    @property
+    def wants_more(self) -> bool:
+        return (
+            self.finish_reason is None
+            and not self.abort_requested
+            and len(self.output_ids) + self.inflight_samples < self.output_budget
+        )
+
+
+@dataclass
+class Batch:
+    """A host plan of one forward: flat tokens of every scheduled request chunk."""
+
+    requests: list[Request]
+    rows: np.ndarray  # [B] request-table row of each chunk
+    extend_lens: list[int]
+    samples: list[bool]  # does this chunk end at the request's newest token (so it samples)?
+    input_ids: np.ndarray  # [N] int64; negative = placeholder -(row + 1)
+    positions: np.ndarray  # [N] int64
+    out_cache_loc: np.ndarray  # [N] int64: slot each token's KV (and routes) go to
+    table_rows: np.ndarray  # request-table entries to write this step
+    table_cols: np.ndarray
+    table_slots: np.ndarray
+
+
+class Scheduler:
+    def __init__(
+        self,
+        slots: SlotAllocator,
+        table: RequestTable,
+        prefix_cache: PrefixCache | None,
+        max_batch_tokens: int,
+        snapshot_routes: Callable[[Request], None],
+    ) -> None:
+        self.slots = slots
+        self.table = table
+        self.prefix_cache = prefix_cache
+        self.max_batch_tokens = max_batch_tokens
+        self._snapshot_routes = snapshot_routes
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order; the newest is preempted first
+        self.prefix_hit_tokens = 0
+        self.computed_tokens = 0
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------ scheduling
+    def schedule(self, can_preempt: bool) -> Batch | str | None:
+        """The next batch; ``BLOCKED`` if only a preemption would make room; ``None`` if idle."""
+        while True:
+            chunks = self._prefill_chunks()
+            if chunks:
+                return self._build(chunks)
+            decodes = [r for r in self.running if r.num_pending == 1 and r.wants_more][: self.max_batch_tokens]
+            if decodes and self._make_room(len(decodes)):
+                return self._build([(r, 1) for r in decodes])
+            stuck = any(r.num_pending >= 1 and r.wants_more for r in self.running)
+            if not stuck:
+                return None
+            if not can_preempt:
+                return BLOCKED
+            if len(self.running) == 1:
+                raise RuntimeError("a lone request does not fit the KV pool; add_request should have refused it")
+            self.preempt(self.running[-1])
+
+    def _prefill_chunks(self) -> list[tuple[Request, int]]:
+        budget = self.max_batch_tokens
+        chunks: list[tuple[Request, int]] = []
+        planned = 0  # slots this batch will take (allocated in _build)
+        # keep one slot per running decoder so admitting never forces an immediate preemption
+        reserve = sum(1 for x in self.running if x.wants_more)
+        for r in self.running:  # continue chunked prefills first
+            if r.num_pending > 1 and r.wants_more and budget > 0:
+                n = min(r.num_pending, budget)
+                if not self._make_room(planned + n):
+                    break
+                chunks.append((r, n))
+                budget -= n
+                planned += n
+        while self.waiting and budget > 0 and self.table.num_free > 0:
+            r = self.waiting[0]
+            n = self._admit(r, budget, planned + reserve)
+            if n == 0:
+                break
+            reserve += 1
+            self.waiting.popleft()
+            self.running.append(r)
+            chunks.append((r, n))
+            budget -= n
+            planned += n
+        return chunks
+
+    def _admit(self, r: Request, budget: int, held_back: int) -> int:
+        """Give ``r`` a row, its cached prefix and slots for its first chunk; 0 if it does not fit.
+
+        ``held_back`` slots are spoken for: this batch's other chunks and the running decoders.
+        """
+        tokens = r.token_ids()
+        path = self.prefix_cache.match(tokens[:-1]) if self.prefix_cache is not None else []
+        if self.prefix_cache is not None:
+            self.prefix_cache.lock(path)
+        n = min(len(tokens) - len(path), budget)
+        if not self._make_room(held_back + n):
+            if self.prefix_cache is not None:
+                self.prefix_cache.unlock(path)
+            return 0
+        r.row = self.table.alloc()
+        r.prefix_path = path
+        r.slots = [node.slot for node in path]
+        r.table_synced = 0
+        self.prefix_hit_tokens += len(path)
+        r.prefix_hit_tokens += len(path)
+        return n
+
+    def _make_room(self, n: int) -> bool:
+        """True if ``n`` slots are free, evicting unlocked prefix-cache entries if needed."""
+        short = n - self.slots.num_free
+        if short > 0 and self.prefix_cache is not None:
+            self.slots.free(self.prefix_cache.evict(short))
+        return self.slots.num_free >= n
+
+    def _build(self, chunks: list[tuple[Request, int]]) -> Batch:
+        ids, pos, loc, t_rows, t_cols, t_slots, samples = [], [], [], [], [], [], []
+        for r, n in chunks:
+            begin = len(r.slots)
+            new = self.slots.alloc(n)
+            r.slots.extend(new)
+            for p in range(begin, begin + n):
+                tok = r.token_at(p)
+                ids.append(tok if tok is not None else -(r.row + 1))
+            pos.extend(range(begin, begin + n))
+            loc.extend(new)
+            t_rows.extend([r.row] * (len(r.slots) - r.table_synced))
+            t_cols.extend(range(r.table_synced, len(r.slots)))
+            t_slots.extend(r.slots[r.table_synced :])
+            r.table_synced = len(r.slots)
+            sample = r.num_pending == 0
+            if sample:
+                r.inflight_samples += 1
+            r.inflight_steps += 1
+            samples.append(sample)
+            self.computed_tokens += n
+
+        def arr(x: list[int]) -> np.ndarray:
+            return np.asarray(x, dtype=np.int64)
+
+        return Batch(
+            requests=[r for r, _ in chunks], rows=arr([r.row for r, _ in chunks]), extend_lens=[n for _, n in chunks], samples=samples,
+            input_ids=arr(ids), positions=arr(pos), out_cache_loc=arr(loc),
+            table_rows=arr(t_rows), table_cols=arr(t_cols), table_slots=arr(t_slots),
+        )
+
+    # ------------------------------------------------------- state changes
+    def add(self, r: Request) -> None:
+        self.waiting.append(r)
+
+    def preempt(self, r: Request) -> None:
+        """Requeue ``r`` at the front; its routes so far move into the request. Needs no step in flight."""
+        assert r.inflight_steps == 0, "preemption needs the request's steps finalized"
+        self._snapshot_routes(r)
+        self._release_kv(r, keep_in_cache=0)
+        self.running.remove(r)
+        self.waiting.appendleft(r)
+        r.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def finish(self, r: Request, reason: str) -> None:
+        """Free ``r``'s KV; its computed positions go to the prefix cache (with their routes)."""
+        r.finish_reason = reason
+        if r in self.running:
+            self.running.remove(r)
+            self._release_kv(r, keep_in_cache=min(len(r.slots), r.num_known - 1))
+        elif r in self.waiting:
+            self.waiting.remove(r)
+
+    def _release_kv(self, r: Request, keep_in_cache: int) -> None:
+        cached = len(r.prefix_path)
+        if self.prefix_cache is not None and keep_in_cache > cached and r.finish_reason is not None:
+            tokens = r.token_ids()[:keep_in_cache]
+            self.slots.free(self.prefix_cache.insert(tokens, r.slots[:keep_in_cache]))
+            self.slots.free(r.slots[keep_in_cache:])
+        else:
+            self.slots.free(r.slots[cached:])
+        if self.prefix_cache is not None:
+            self.prefix_cache.unlock(r.prefix_path)
+        if r.row is not None:
+            self.table.free(r.row)
+        r.row, r.slots, r.prefix_path, r.table_synced = None, [], [], 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)

@@ -1,0 +1,332 @@
+"""The rollout file: finished rollouts with their routes, in one versioned safetensors file.
+
+Why safetensors: every stack (torch, numpy, Rust, JS) reads it without our code,
+it is never pickle, and its JSON header carries our metadata. Format
+``r3-rollouts`` version 1 (also documented in ``docs/recipes.md``), N sequences:
+
+=====================  ===========================  ==============================================
+tensor                 dtype, shape                 meaning
+=====================  ===========================  ==============================================
+``token_ids``          int32 ``[sum(seq_len)]``     prompt then output ids of every sequence
+``token_offsets``      int64 ``[N+1]``              sequence ``i`` is ``token_ids[o[i]:o[i+1]]``
+``prompt_lens``        int32 ``[N]``                its first ``prompt_lens[i]`` ids are the prompt
+``output_logprobs``    float32 ``[sum(out_len)]``   logprob of each sampled token, sequence after sequence
+``route_ids``          uint8/uint16 ``[R, L, K]``   compact expert ids; the dtype max means "no route"
+``route_offsets``      int64 ``[N+1]``              routes of sequence ``i`` are rows ``r[i]:r[i+1]``
+``route_starts``       int64 ``[N]``                absolute position of each sequence's first route row;
+                                                    ``-1``: the rollout carries no routes
+=====================  ===========================  ==============================================
+
+The safetensors ``__metadata__`` holds ``format``, ``format_version`` and
+``header``, a JSON object: ``model_fingerprint``, ``num_experts``,
+``moe_layers``, ``top_k`` (null when no rollout has routes), ``finish_reasons``
+and ``rollout_meta`` (one entry per sequence), ``meta`` (the caller's), and
+``crc32`` of all tensor bytes: safetensors notices truncation, not flipped bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+
+from rollout.atomic import atomic_write_bytes
+from rollout.routed_experts import RoutedExperts, compact_dtype
+from rollout.types import Rollout
+
+FORMAT_NAME = "r3-rollouts"
+FORMAT_VERSION = 1
+# Fixed order in which tensor bytes feed the CRC, so writer and reader agree.
+_TENSOR_ORDER = (
+    "token_ids", "token_offsets", "prompt_lens", "output_logprobs", "route_ids", "route_offsets", "route_starts",
+)
+NO_ROUTES = -1
+# Fingerprinting reads at most this much of each weight file at each end, so a 60 GB checkpoint takes milliseconds.
+FINGERPRINT_EDGE_BYTES = 1 << 20
+FINGERPRINT_PREFIX = "r3fp1:"
+_LENGTH_PREFIX = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class RolloutFileHeader:
+    """What a rollout file says about itself, beside the rollouts."""
+
+    format_version: int
+    model_fingerprint: str | None
+    num_experts: int | None
+    moe_layers: tuple[int, ...] | None
+    top_k: int | None
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- fingerprint
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """A short identity of a checkpoint, so routes recorded on another model are refused.
+
+    Hashes ``config.json`` (canonical JSON without ``transformers_version``,
+    which changes on a re-save that leaves the model alone) and, for every
+    ``*.safetensors`` file, its name, size, tensor table (names, dtypes, shapes)
+    and its first and last ``FINGERPRINT_EDGE_BYTES``. Files up to twice that are
+    hashed whole; in a bigger shard an edit in the middle that keeps the size
+    goes unnoticed. That is the price of fingerprinting large checkpoints fast.
+    """
+    root = Path(model_dir)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"no config.json in {str(root)!r}: not an HF-format checkpoint")
+    config = json.loads(config_path.read_text())
+    config.pop("transformers_version", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    weights = sorted(root.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"no *.safetensors files in {str(root)!r}")
+    for path in weights:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            header, _ = _read_header(f, str(path))
+            table = {k: [v["dtype"], v["shape"]] for k, v in header.items() if k != "__metadata__"}
+            digest.update(json.dumps(table, sort_keys=True).encode())
+            f.seek(0)
+            if size <= 2 * FINGERPRINT_EDGE_BYTES:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(FINGERPRINT_EDGE_BYTES))
+                f.seek(size - FINGERPRINT_EDGE_BYTES)
+                digest.update(f.read(FINGERPRINT_EDGE_BYTES))
+    return FINGERPRINT_PREFIX + digest.hexdigest()[:32]
+
+
+def _read_header(f: BinaryIO, what: str) -> tuple[dict[str, Any], int]:
+    """The safetensors JSON header and the offset where tensor data begins."""
+    prefix = f.read(_LENGTH_PREFIX.size)
+    if len(prefix) < _LENGTH_PREFIX.size:
+        raise ValueError(f"{what} is truncated: {len(prefix)} bytes, too short for a safetensors header")
+    (length,) = _LENGTH_PREFIX.unpack(prefix)
+    raw = f.read(length)
+    if len(raw) < length:
+        raise ValueError(f"{what} is truncated: its header claims {length} bytes but only {len(raw)} follow")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what} is corrupt: the safetensors header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{what} is corrupt: the safetensors header is not a JSON object")
+    return header, _LENGTH_PREFIX.size + length
+
+
+# ----------------------------------------------------------------- writing
+def save_rollouts(
+    path: str | os.PathLike,
+    rollouts: Sequence[Rollout],
+    model_fingerprint: str | None = None,
+    meta: dict | None = None,
+) -> Path:
+    """Write ``rollouts`` to ``path`` atomically (a crash leaves the old file or the new one)."""
+    return atomic_write_bytes(path, encode_rollouts(rollouts, model_fingerprint=model_fingerprint, meta=meta))
+
+
+def encode_rollouts(
+    rollouts: Sequence[Rollout], model_fingerprint: str | None = None, meta: dict | None = None
+) -> bytes:
+    """The bytes of a rollout file; ``save_rollouts`` without the disk, for servers and tests."""
+    from safetensors.numpy import save
+
+    rollouts = list(rollouts)
+    if not rollouts:
+        raise ValueError("no rollouts to save")
+    routed = [r.routed_experts for r in rollouts if r.routed_experts is not None]
+    model = routed[0] if routed else None
+    for i, r in enumerate(rollouts):
+        _check_rollout(i, r, model)
+    seq_lens = np.array([r.num_tokens for r in rollouts], dtype=np.int64)
+    route_rows = np.array([0 if r.routed_experts is None else r.routed_experts.num_tokens for r in rollouts], np.int64)
+    route_shape = (0, 0, 0) if model is None else (0, model.num_layers, model.top_k)
+    route_dtype = np.uint8 if model is None else model.ids.dtype
+    tensors = {
+        "token_ids": np.array([t for r in rollouts for t in r.token_ids], dtype=np.int32),
+        "token_offsets": np.concatenate([[0], np.cumsum(seq_lens)]).astype(np.int64),
+        "prompt_lens": np.array([len(r.prompt_ids) for r in rollouts], dtype=np.int32),
+        "output_logprobs": np.array([lp for r in rollouts for lp in r.output_logprobs], dtype=np.float32),
+        "route_ids": (
+            np.concatenate([p.ids for p in routed], axis=0) if routed else np.zeros(route_shape, route_dtype)
+        ),
+        "route_offsets": np.concatenate([[0], np.cumsum(route_rows)]).astype(np.int64),
+        "route_starts": np.array(
+            [NO_ROUTES if r.routed_experts is None else r.routed_experts.start for r in rollouts], dtype=np.int64
+        ),
+    }
+    header = {
+        "model_fingerprint": model_fingerprint,
+        "num_experts": None if model is None else model.num_experts,
+        "moe_layers": None if model is None else list(model.moe_layers),
+        "top_k": None if model is None else model.top_k,
+        "finish_reasons": [r.finish_reason for r in rollouts],
+        "rollout_meta": [r.meta for r in rollouts],
+        "meta": meta or {},
+        "crc32": _crc32(tensors),
+    }
+    try:
+        header_json = json.dumps(header, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"rollout meta must be plain JSON (no NaN, no objects): {exc}") from None
+    return save(tensors, metadata={
+        "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "header": header_json,
+    })
+
+
+def _check_rollout(i: int, r: Rollout, model: RoutedExperts | None) -> None:
+    if not r.prompt_ids:
+        raise ValueError(f"rollout {i} has an empty prompt")
+    if len(r.output_logprobs) != len(r.output_ids):
+        raise ValueError(f"rollout {i} has {len(r.output_ids)} output ids but {len(r.output_logprobs)} logprobs")
+    if any(t < 0 or t > np.iinfo(np.int32).max for t in r.token_ids):
+        raise ValueError(f"rollout {i} has a token id outside [0, 2**31)")
+    routes = r.routed_experts
+    if routes is None:
+        return
+    if (routes.num_experts, routes.moe_layers, routes.top_k) != (model.num_experts, model.moe_layers, model.top_k):
+        raise ValueError(
+            f"rollout {i} has routes of another model: (num_experts, moe_layers, top_k) = "
+            f"{(routes.num_experts, routes.moe_layers, routes.top_k)} vs {(model.num_experts, model.moe_layers, model.top_k)}"
+        )
+    if routes.end > r.num_tokens:
+        raise ValueError(f"rollout {i} has routes up to position {routes.end} but only {r.num_tokens} tokens")
+
+
+def _crc32(tensors: dict[str, np.ndarray]) -> int:
+    crc = 0
+    for name in _TENSOR_ORDER:
+        crc = zlib.crc32(np.ascontiguousarray(tensors[name]).tobytes(), crc)
+    return crc
+
+
+# ----------------------------------------------------------------- reading
+def load_rollouts(path: str | os.PathLike) -> tuple[list[Rollout], RolloutFileHeader]:
+    """Read a rollout file; any inconsistency is a ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"rollout file {str(path)!r} does not exist")
+    return decode_rollouts(path.read_bytes(), what=f"rollout file {str(path)!r}")
+
+
+_EXPECTED = {  # name -> (accepted dtypes, ndim)
+    "token_ids": ((np.dtype(np.int32),), 1),
+    "token_offsets": ((np.dtype(np.int64),), 1),
+    "prompt_lens": ((np.dtype(np.int32),), 1),
+    "output_logprobs": ((np.dtype(np.float32),), 1),
+    "route_ids": ((np.dtype(np.uint8), np.dtype(np.uint16)), 3),
+    "route_offsets": ((np.dtype(np.int64),), 1),
+    "route_starts": ((np.dtype(np.int64),), 1),
+}
+
+
+def decode_rollouts(data: bytes, what: str = "rollout file") -> tuple[list[Rollout], RolloutFileHeader]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    header_json, _ = _read_header(io.BytesIO(data), what)
+    info = header_json.get("__metadata__") or {}
+    if info.get("format") != FORMAT_NAME:
+        raise ValueError(f"{what} is not an R3 rollout file (format {info.get('format')!r}, expected {FORMAT_NAME!r})")
+    if info.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{what} has format version {info.get('format_version')!r}; this build reads version {FORMAT_VERSION}"
+        )
+    try:
+        header = json.loads(info.get("header", ""))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} is corrupt: its header metadata is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{what} is corrupt: its header metadata is not a JSON object")
+    try:
+        tensors = load(data)
+    except SafetensorError as exc:
+        raise ValueError(f"{what} is corrupt or truncated: {exc}") from None
+    for name, (dtypes, ndim) in _EXPECTED.items():
+        if name not in tensors:
+            raise ValueError(f"{what} lacks tensor {name!r}")
+        if tensors[name].dtype not in dtypes or tensors[name].ndim != ndim:
+            raise ValueError(f"{what}: tensor {name!r} is {tensors[name].dtype} {tensors[name].shape}, expected {ndim}-d {dtypes[0]}")
+    if _crc32(tensors) != header.get("crc32"):
+        raise ValueError(f"{what} is corrupt: CRC32 of the tensor data does not match its header")
+    return _unpack(tensors, header, what)
+
+
+def _check_offsets(offsets: np.ndarray, count: int, total: int, name: str, what: str) -> None:
+    if len(offsets) != count + 1:
+        raise ValueError(f"{what}: {name} has {len(offsets)} entries for {count} sequences (expected {count + 1})")
+    if offsets[0] != 0 or offsets[-1] != total or (np.diff(offsets) < 0).any():
+        raise ValueError(f"{what}: {name} must rise from 0 to {total}, got {offsets.tolist()[:8]}...")
+
+
+def _unpack(t: dict[str, np.ndarray], header: dict, what: str) -> tuple[list[Rollout], RolloutFileHeader]:
+    n = len(t["prompt_lens"])
+    reasons, metas = header.get("finish_reasons"), header.get("rollout_meta")
+    if not isinstance(reasons, list) or not isinstance(metas, list) or len(reasons) != n or len(metas) != n:
+        raise ValueError(f"{what}: finish_reasons and rollout_meta must list one entry per sequence ({n})")
+    _check_offsets(t["token_offsets"], n, len(t["token_ids"]), "token_offsets", what)
+    seq_lens = np.diff(t["token_offsets"])
+    prompt_lens = t["prompt_lens"].astype(np.int64)
+    if ((prompt_lens < 1) | (prompt_lens > seq_lens)).any():
+        raise ValueError(f"{what}: prompt_lens must lie in [1, sequence length]")
+    out_offsets = np.concatenate([[0], np.cumsum(seq_lens - prompt_lens)])
+    if out_offsets[-1] != len(t["output_logprobs"]):
+        raise ValueError(
+            f"{what}: {len(t['output_logprobs'])} output_logprobs for {int(out_offsets[-1])} output tokens"
+        )
+    route_ids = t["route_ids"]
+    _check_offsets(t["route_offsets"], n, len(route_ids), "route_offsets", what)
+    starts = t["route_starts"]
+    if len(starts) != n:
+        raise ValueError(f"{what}: route_starts has {len(starts)} entries for {n} sequences")
+    num_experts, moe_layers, top_k = header.get("num_experts"), header.get("moe_layers"), header.get("top_k")
+    has_routes = starts != NO_ROUTES
+    if has_routes.any():
+        if not isinstance(num_experts, int) or not isinstance(moe_layers, list) or not isinstance(top_k, int):
+            raise ValueError(f"{what}: routes present but num_experts / moe_layers / top_k missing from the header")
+        if route_ids.dtype != compact_dtype(num_experts) or route_ids.shape[1:] != (len(moe_layers), top_k):
+            raise ValueError(
+                f"{what}: route_ids {route_ids.dtype} {route_ids.shape} do not fit num_experts={num_experts}, "
+                f"{len(moe_layers)} MoE layers, top_k={top_k}"
+            )
+    rollouts = []
+    for i in range(n):
+        tok = t["token_ids"][t["token_offsets"][i] : t["token_offsets"][i + 1]].tolist()
+        p = int(prompt_lens[i])
+        r0, r1 = int(t["route_offsets"][i]), int(t["route_offsets"][i + 1])
+        routes = None
+        if has_routes[i]:
+            start = int(starts[i])
+            if start < 0 or start + (r1 - r0) > len(tok):
+                raise ValueError(f"{what}: sequence {i} routes [{start}, {start + r1 - r0}) exceed its {len(tok)} tokens")
+            try:
+                routes = RoutedExperts(route_ids[r0:r1], num_experts, moe_layers, start)
+            except ValueError as exc:
+                raise ValueError(f"{what}: sequence {i} routes are invalid: {exc}") from None
+        elif r1 != r0:
+            raise ValueError(f"{what}: sequence {i} has route rows but route_starts marks it as carrying none")
+        rollouts.append(Rollout(
+            prompt_ids=tok[:p],
+            output_ids=tok[p:],
+            output_logprobs=t["output_logprobs"][out_offsets[i] : out_offsets[i + 1]].tolist(),
+            finish_reason=str(reasons[i]),
+            routed_experts=routes,
+            meta=dict(metas[i]),
+        ))
+    return rollouts, RolloutFileHeader(
+        format_version=FORMAT_VERSION,
+        model_fingerprint=header.get("model_fingerprint"),
+        num_experts=num_experts,
+        moe_layers=None if moe_layers is None else tuple(moe_layers),
+        top_k=top_k,
+        meta=dict(header.get("meta") or {}),
+    )

@@ -1,0 +1,144 @@
+"""One thread that owns the engine; HTTP handler threads talk to it through a queue and futures.
+
+The engine is not thread-safe and batches best when it sees every pending
+request, so exactly one loop thread calls ``add_request`` / ``step``. Handlers
+``submit`` work and block on the returned ``Future``. If the engine raises, the
+requests it held fail with that error and the loop stops taking work
+(``healthy`` turns False), rather than serving from a half-updated engine.
+
+Streaming: a submission may carry ``on_tokens``; after every step the loop
+reports the tokens its request has so far, from the engine's
+``progress(rid) -> (output_ids, logprobs) | None``. An engine without
+``progress`` streams the finished reply only.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from rollout.types import Rollout, SamplingParams
+
+TokensCallback = Callable[[list[int], list[float]], None]
+
+
+class StepEngine(Protocol):
+    max_context: int  # prompt + output tokens one request may hold
+
+    def add_request(self, prompt_ids: list[int], sampling: SamplingParams, start_len: int = 0) -> int: ...
+    def step(self) -> list[tuple[int, Rollout]]: ...
+    def has_unfinished(self) -> bool: ...
+
+
+@dataclass
+class _Submission:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    start_len: int
+    future: Future
+    on_tokens: TokensCallback | None
+    reported: int = 0  # output tokens already passed to on_tokens
+
+
+_STOP = object()
+
+
+class EngineLoop:
+    def __init__(self, engine: StepEngine) -> None:
+        self._engine = engine
+        self._inbox: queue.Queue[Any] = queue.Queue()
+        self._pending: dict[int, _Submission] = {}
+        self._failure: BaseException | None = None
+        self._closed = False  # set (under _lock) once the inbox is drained for good
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="r3-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return not self._closed and self._thread.is_alive()
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        start_len: int = 0,
+        on_tokens: TokensCallback | None = None,
+    ) -> "Future[Rollout]":
+        """Queue one request; ``on_tokens(output_ids, logprobs)`` (loop thread) sees each step's progress."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(RuntimeError(f"the engine loop has stopped: {self._failure!r}"))
+            else:
+                self._inbox.put(_Submission(list(prompt_ids), sampling, start_len, future, on_tokens))
+        return future
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._inbox.put(_STOP)
+        self._thread.join(timeout)
+
+    # -------------------------------------------------------------- the loop
+    def _run(self) -> None:
+        try:
+            while True:
+                # Block only when the engine has nothing to do; otherwise take what has arrived and step.
+                if not self._admit(block=not self._engine.has_unfinished()):
+                    break
+                if self._engine.has_unfinished():
+                    for rid, rollout in self._engine.step():
+                        sub = self._pending.pop(rid, None)
+                        if sub is not None:
+                            sub.future.set_result(rollout)
+                    self._report_progress()
+        except BaseException as exc:  # the engine broke: fail everyone waiting, stop taking work
+            self._failure = exc
+        finally:
+            self._drain()
+
+    def _admit(self, block: bool) -> bool:
+        """Move queued submissions into the engine; False once stop() was called."""
+        while True:
+            try:
+                item = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if item is _STOP:
+                return False
+            try:
+                rid = self._engine.add_request(item.prompt_ids, item.sampling, start_len=item.start_len)
+            except ValueError as exc:  # bad request for this engine: that caller's error only
+                item.future.set_exception(exc)
+                continue
+            self._pending[rid] = item
+
+    def _report_progress(self) -> None:
+        progress = getattr(self._engine, "progress", None)
+        if progress is None:
+            return
+        for rid, sub in self._pending.items():
+            so_far = progress(rid) if sub.on_tokens is not None else None
+            if so_far is not None and len(so_far[0]) > sub.reported:
+                sub.reported = len(so_far[0])
+                sub.on_tokens(list(so_far[0]), list(so_far[1]))
+
+    def _drain(self) -> None:
+        reason = RuntimeError(
+            f"engine failed: {self._failure!r}" if self._failure is not None else "the engine loop has stopped"
+        )
+        with self._lock:
+            self._closed = True
+        for sub in self._pending.values():
+            sub.future.set_exception(reason)
+        self._pending.clear()
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                item.future.set_exception(reason)

@@ -1,0 +1,166 @@
+"""``SGLangBackend``: rollouts with compact routes from an SGLang server (HTTP) or an in-process ``sglang.Engine``.
+
+Both paths build the same ``/generate`` request and decode the same reply
+(``rollout.sglang.protocol``), so the trainer side sees one ``Rollout`` format
+whichever engine sampled. Over HTTP every prompt is its own request, sent from
+a thread pool over keep-alive connections: the server batches them itself,
+and one slow prompt does not hold back the others' decoding.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from rollout.moe_spec import MoESpec
+from rollout.sglang.http_client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, HTTPClient
+from rollout.sglang.protocol import build_request, decode_reply, sampling_to_sglang
+from rollout.types import Rollout, SamplingParams
+
+DEFAULT_CONCURRENCY = 16
+GENERATE_PATH = "/generate"
+
+
+class SGLangBackend:
+    """Generate through SGLang and return ``Rollout``s whose routes are already compact.
+
+    ``url`` selects HTTP; ``model_path`` then only supplies ``config.json`` for
+    the route shape (or pass ``moe_spec``). Without ``url``, ``model_path`` is
+    loaded into an in-process ``sglang.Engine`` (the ``sglang`` extra).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        model_path: str | os.PathLike | None = None,
+        return_routed_experts: bool = True,
+        *,
+        moe_spec: MoESpec | None = None,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        **engine_options: Any,
+    ) -> None:
+        if url is None and model_path is None:
+            raise ValueError("SGLangBackend needs url= (a running SGLang server) or model_path= (in-process engine)")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.return_routed_experts = return_routed_experts
+        self._client: HTTPClient | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._engine: Any = None
+        if url is not None:
+            if engine_options:
+                raise ValueError(f"engine options {sorted(engine_options)} only apply to the in-process engine")
+            self._client = HTTPClient(url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+            self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="sglang-http")
+        self.spec = self._resolve_spec(moe_spec, model_path)
+        if url is None:
+            self._engine = _start_engine(str(model_path), return_routed_experts, engine_options)
+
+    # ---------------------------------------------------------------- public
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams,
+        start_len: int | Sequence[int] = 0,
+    ) -> list[Rollout]:
+        """One ``Rollout`` per prompt, in order. ``start_len`` (one for all, or one per prompt) trims route rows."""
+        prompts = [list(p) for p in prompts]
+        starts = [int(start_len)] * len(prompts) if isinstance(start_len, int) else [int(s) for s in start_len]
+        if len(starts) != len(prompts):
+            raise ValueError(f"start_len has {len(starts)} entries for {len(prompts)} prompts")
+        bodies = [
+            build_request(p, sampling, start_len=s, return_routed_experts=self.return_routed_experts)
+            for p, s in zip(prompts, starts)
+        ]
+        if self._engine is not None:
+            replies = self._engine_generate(prompts, sampling, starts)
+        else:
+            assert self._client is not None and self._pool is not None
+            client = self._client
+            replies = list(self._pool.map(lambda body: client.post_json(GENERATE_PATH, body), bodies))
+        return [
+            decode_reply(r, p, self.spec, start_len=s, routes_requested=self.return_routed_experts)
+            for r, p, s in zip(replies, prompts, starts)
+        ]
+
+    def health(self) -> bool:
+        """True when the server answers ``/health`` (always True in-process)."""
+        if self._client is None:
+            return True
+        try:
+            self._client.get_json("/health")
+        except (ValueError, RuntimeError, OSError):
+            return False
+        return True
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def __enter__(self) -> "SGLangBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- internal
+    def _resolve_spec(self, moe_spec: MoESpec | None, model_path: str | os.PathLike | None) -> MoESpec | None:
+        if moe_spec is not None:
+            return moe_spec
+        if model_path is not None:
+            return MoESpec.from_pretrained(model_path)
+        # Over HTTP without a local config: use the server's model path if this machine has it.
+        assert self._client is not None
+        info = self._client.get_json("/get_model_info") or {}
+        served = info.get("model_path")
+        if served and os.path.isfile(os.path.join(served, "config.json")):
+            return MoESpec.from_pretrained(served)
+        if not self.return_routed_experts:
+            return None
+        raise ValueError(
+            f"cannot tell the route shape: the server's model_path {served!r} is not a local checkpoint; "
+            "pass model_path= (a directory with the model's config.json) or moe_spec="
+        )
+
+    def _engine_generate(self, prompts: list[list[int]], sampling: SamplingParams, starts: list[int]) -> list[dict]:
+        """``sglang.Engine.generate`` takes one ``routed_experts_start_len`` per call, so group prompts by it."""
+        replies: list[dict | None] = [None] * len(prompts)
+        for start in sorted(set(starts)):
+            idx = [i for i, s in enumerate(starts) if s == start]
+            kwargs: dict[str, Any] = dict(
+                input_ids=[prompts[i] for i in idx],
+                sampling_params=[sampling_to_sglang(sampling)] * len(idx),
+                return_logprob=True,
+            )
+            if self.return_routed_experts:
+                kwargs.update(return_routed_experts=True, routed_experts_start_len=start)
+            for i, reply in zip(idx, self._engine.generate(**kwargs)):
+                replies[i] = reply
+        return [r for r in replies if r is not None]
+
+
+def _start_engine(model_path: str, return_routed_experts: bool, options: dict[str, Any]) -> Any:
+    try:
+        import sglang
+    except ImportError:
+        raise ValueError(
+            "the in-process SGLang engine needs the sglang extra: pip install 'r3-rollout[sglang]' "
+            "(or pass url= for a running server)"
+        ) from None
+    return sglang.Engine(
+        model_path=model_path,
+        enable_return_routed_experts=return_routed_experts,
+        skip_tokenizer_init=True,
+        **options,
+    )

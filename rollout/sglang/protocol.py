@@ -1,0 +1,425 @@
+"""SGLang's ``/generate`` wire format, both directions, in one place.
+
+Field names and encodings follow SGLang's own sources, read from
+``sgl-project/sglang`` (main-branch snapshot at commit ``f11d231c``):
+
+* ``python/sglang/srt/managers/io_struct.py`` ``GenerateReqInput``: ``input_ids``
+  (one list or a batch of lists), ``sampling_params``, ``return_logprob``,
+  ``logprob_start_len`` (default -1: output tokens only), ``stream``,
+  ``return_routed_experts`` and ``routed_experts_start_len`` ("absolute start
+  position for returned routings; response covers ``[routed_experts_start_len,
+  seqlen - 1)``; must be in ``[0, prompt_tokens]``").
+* ``python/sglang/srt/managers/tokenizer_manager.py`` ``_handle_batch_output``:
+  ``meta_info`` carries ``id``, ``finish_reason``, ``prompt_tokens``,
+  ``weight_version``, ``completion_tokens``, ``cached_tokens`` and, with
+  ``--skip-tokenizer-init`` (``BatchTokenIDOutput``), ``routed_experts`` as
+  base64 of the raw int32 tensor bytes.
+
+The exact reply shape was then checked against real SGLang 0.5.17 replies
+(``shared/fixtures/sglang-0.5.17-tiny-qwen3-moe``): routes are base64 of
+little-endian int32, flat, logical ``[seq_len - 1 - start_len,
+num_hidden_layers, top_k]`` with dense layers as zeros;
+``output_token_logprobs`` is ``[[logprob, token_id, null], ...]``;
+``finish_reason`` is ``{"type": "length", "length": N}`` /
+``{"type": "stop", "matched": id}`` / ``{"type": "abort", "message": ...}``.
+
+The client side (``build_request``, ``decode_reply``) serves the SGLang
+backend; the server side (``parse_request``, ``build_reply``) serves
+``r3 serve``. Sharing one module keeps both ends of the protocol identical.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from rollout.moe_spec import MoESpec
+from rollout.routed_experts import RoutedExperts
+from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
+
+SGLANG_WIRE_VERSION = "0.5.17"  # the release whose replies the fixture recorded and r3 serve mimics
+DEFAULT_WEIGHT_VERSION = "default"
+CACHED_TOKENS_META_KEY = "prefix_hit_tokens"  # the built-in engine's Rollout.meta: prompt tokens served from its prefix cache
+
+# Our SamplingParams field -> SGLang sampling_params key.
+_SAMPLING_KEYS = {
+    "max_new_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "stop_token_ids": "stop_token_ids",
+    "seed": "sampling_seed",
+}
+# SGLang sampling keys r3 serve accepts but that change nothing without a tokenizer.
+_INERT_SAMPLING_KEYS = frozenset({"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
+# Top-level GenerateReqInput keys r3 serve accepts only at their SGLang default.
+_DEFAULT_ONLY_KEYS = {"logprob_start_len": (None, -1), "top_logprobs_num": (None, 0), "return_text_in_logprobs": (False,)}
+_HANDLED_KEYS = frozenset(
+    {"rid", "input_ids", "sampling_params", "return_logprob", "return_routed_experts", "routed_experts_start_len",
+     "stream", "log_metrics"}
+)
+_FINISH_TYPES = {"length": FINISH_LENGTH, "stop": FINISH_STOP, "abort": FINISH_ABORT}
+
+
+# ---------------------------------------------------------------- client side
+def sampling_to_sglang(sampling: SamplingParams) -> dict[str, Any]:
+    """SGLang's ``sampling_params`` dict for ``sampling`` (``sampling_seed`` only when set)."""
+    out: dict[str, Any] = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+    }
+    if sampling.stop_token_ids:
+        out["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.seed is not None:
+        out["sampling_seed"] = sampling.seed
+    return out
+
+
+def build_request(
+    prompt_ids: Sequence[int],
+    sampling: SamplingParams,
+    *,
+    start_len: int = 0,
+    return_routed_experts: bool = True,
+    stream: bool = False,
+) -> dict[str, Any]:
+    """One ``/generate`` body. Logprobs are always asked for: a ``Rollout`` carries them."""
+    prompt = [int(t) for t in prompt_ids]
+    if not 0 <= start_len <= len(prompt):
+        raise ValueError(f"start_len={start_len} must be in [0, len(prompt_ids)={len(prompt)}]")
+    body: dict[str, Any] = {
+        "input_ids": prompt,
+        "sampling_params": sampling_to_sglang(sampling),
+        "return_logprob": True,
+    }
+    if return_routed_experts:
+        body["return_routed_experts"] = True
+        if start_len:
+            body["routed_experts_start_len"] = int(start_len)
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def decode_reply(
+    reply: Mapping[str, Any],
+    prompt_ids: Sequence[int],
+    spec: MoESpec,
+    *,
+    start_len: int = 0,
+    routes_requested: bool = True,
+) -> Rollout:
+    """Turn one SGLang reply into a ``Rollout`` with compact routes (dense layers dropped).
+
+    ``start_len`` must be the request's ``routed_experts_start_len``: SGLang's
+    reply does not echo it, and the routes' first row is that absolute position.
+    """
+    if not isinstance(reply, Mapping):
+        raise ValueError(f"SGLang reply must be a JSON object, got {type(reply).__name__}")
+    if "error" in reply and "output_ids" not in reply:
+        raise ValueError(f"SGLang answered with an error: {_error_message(reply)}")
+    meta = _field(reply, "meta_info", Mapping, "reply")
+    output_ids = _int_list(_field(reply, "output_ids", list, "reply"), "output_ids")
+    prompt = [int(t) for t in prompt_ids]
+    prompt_tokens = meta.get("prompt_tokens")
+    if prompt_tokens is not None and prompt_tokens != len(prompt):
+        raise ValueError(f"reply says prompt_tokens={prompt_tokens} but the request had {len(prompt)} prompt tokens")
+    logprobs = _decode_logprobs(meta, output_ids)
+    finish = decode_finish_reason(meta.get("finish_reason"))
+    routes = None
+    if routes_requested:
+        routes = _decode_routes(meta, len(prompt) + len(output_ids), spec, start_len)
+    info = {k: meta[k] for k in ("id", "cached_tokens", "weight_version", "e2e_latency") if k in meta}
+    return Rollout(prompt, output_ids, logprobs, finish, routes, {"sglang": info})
+
+
+def decode_finish_reason(value: Any) -> str:
+    """SGLang's ``finish_reason`` object (or bare string) -> ``FINISH_*``."""
+    kind = value.get("type") if isinstance(value, Mapping) else value
+    if kind not in _FINISH_TYPES:
+        raise ValueError(f"reply has finish_reason {value!r}; expected type one of {sorted(_FINISH_TYPES)}")
+    return _FINISH_TYPES[kind]
+
+
+def _decode_logprobs(meta: Mapping[str, Any], output_ids: list[int]) -> list[float]:
+    entries = meta.get("output_token_logprobs")
+    if entries is None:
+        raise ValueError("reply has no meta_info.output_token_logprobs: the request must set return_logprob")
+    if not isinstance(entries, list) or len(entries) != len(output_ids):
+        n = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise ValueError(f"output_token_logprobs has {n} entries for {len(output_ids)} output tokens")
+    logprobs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, list) or len(entry) < 2 or not isinstance(entry[0], (int, float)):
+            raise ValueError(f"output_token_logprobs[{i}] = {entry!r} is not [logprob, token_id, text]")
+        if entry[1] != output_ids[i]:
+            raise ValueError(f"output_token_logprobs[{i}] is for token {entry[1]} but output_ids[{i}] = {output_ids[i]}")
+        logprobs.append(float(entry[0]))
+    return logprobs
+
+
+def _decode_routes(meta: Mapping[str, Any], seq_len: int, spec: MoESpec, start_len: int) -> RoutedExperts:
+    b64 = meta.get("routed_experts")
+    if b64 is None:
+        raise ValueError(
+            "reply has no meta_info.routed_experts: start the SGLang server with --enable-return-routed-experts "
+            "and send return_routed_experts=true"
+        )
+    if not isinstance(b64, str):
+        raise ValueError(f"meta_info.routed_experts must be a base64 string, got {type(b64).__name__}")
+    rows = seq_len - 1 - start_len
+    if rows < 0:
+        raise ValueError(f"routed_experts_start_len={start_len} is past the last routed position {seq_len - 1}")
+    expected_bytes = rows * spec.num_hidden_layers * spec.top_k * 4
+    # 4 base64 characters per 3 bytes: the length check names truncation before any decoding.
+    if len(b64) != 4 * math.ceil(expected_bytes / 3):
+        got_bytes = len(b64) * 3 // 4 - b64[-2:].count("=")
+        raise ValueError(
+            f"meta_info.routed_experts holds about {got_bytes} bytes but {rows} rows "
+            f"(prompt + output - 1 - start_len = {seq_len} - 1 - {start_len}) x num_hidden_layers "
+            f"{spec.num_hidden_layers} x top_k {spec.top_k} x 4 need {expected_bytes}: truncated, "
+            f"a different model config, or a different routed_experts_start_len"
+        )
+    routes = RoutedExperts.from_sglang(
+        b64, num_experts=spec.num_experts, num_hidden_layers=spec.num_hidden_layers, top_k=spec.top_k,
+        moe_layers=spec.moe_layers, start=start_len, num_tokens=rows,
+    )
+    _check_dense_layers_zero(b64, spec)
+    return routes
+
+
+def _check_dense_layers_zero(b64: str, spec: MoESpec) -> None:
+    """SGLang writes dense layers as zeros; anything else means the layer table is not the server's."""
+    dense = [i for i in range(spec.num_hidden_layers) if i not in spec.moe_layers]
+    if not dense:
+        return
+    full = np.frombuffer(base64.b64decode(b64), dtype="<i4").reshape(-1, spec.num_hidden_layers, spec.top_k)
+    if full[:, dense, :].any():
+        raise ValueError(f"routed_experts has non-zero ids in layers {dense}, which the model config says are dense")
+
+
+# ---------------------------------------------------------------- server side
+@dataclass(frozen=True)
+class GenerateItem:
+    """One validated prompt of a ``/generate`` request."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    return_logprob: bool
+    return_routed_experts: bool
+    start_len: int
+    rid: str
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    items: list[GenerateItem]
+    is_batch: bool
+    stream: bool
+
+
+def parse_request(body: Any, *, vocab_size: int, max_seq_len: int) -> GenerateRequest:
+    """Validate a ``/generate`` body as SGLang would; ``ValueError`` names the first problem.
+
+    ``max_seq_len`` bounds ``len(input_ids) + max_new_tokens`` (SGLang checks the
+    same against the model's context length).
+    """
+    if not isinstance(body, dict):
+        raise ValueError(f"request body must be a JSON object, got {type(body).__name__}")
+    if "text" in body or "input_embeds" in body:
+        raise ValueError("only input_ids are accepted: r3 serve runs without a tokenizer (like --skip-tokenizer-init)")
+    unknown = sorted(set(body) - _HANDLED_KEYS - set(_DEFAULT_ONLY_KEYS))
+    if unknown:
+        raise ValueError(f"unsupported request fields {unknown}")
+    for key, defaults in _DEFAULT_ONLY_KEYS.items():
+        if key in body and body[key] not in defaults:
+            raise ValueError(f"{key}={body[key]!r} is not supported; r3 serve only takes its default {defaults[-1]!r}")
+    if "input_ids" not in body:
+        raise ValueError("input_ids is required")
+    ids = body["input_ids"]
+    is_batch = isinstance(ids, list) and bool(ids) and all(isinstance(x, list) for x in ids)
+    prompts = ids if is_batch else [ids]
+    n = len(prompts)
+    samplings = _per_item(body.get("sampling_params"), n, "sampling_params", dict, {})
+    logprob_flags = _per_item(body.get("return_logprob"), n, "return_logprob", bool, False)
+    routes_flag = _typed(body.get("return_routed_experts", False), bool, "return_routed_experts")
+    start_len = _typed(body.get("routed_experts_start_len", 0), int, "routed_experts_start_len")
+    stream = _typed(body.get("stream", False), bool, "stream")
+    _typed(body.get("log_metrics", True), bool, "log_metrics")
+    rid = body.get("rid")
+    # A single rid for a batch is a prefix, as in SGLang.
+    rids = [f"{rid}_{i}" for i in range(n)] if is_batch and isinstance(rid, str) else _per_item(rid, n, "rid", str, None)
+    items = []
+    for i, prompt in enumerate(prompts):
+        where = f"input_ids[{i}]" if is_batch else "input_ids"
+        prompt_ids = _token_ids(prompt, where, vocab_size)
+        sampling = sampling_from_sglang(samplings[i])
+        if len(prompt_ids) + sampling.max_new_tokens > max_seq_len:
+            raise ValueError(
+                f"{where} has {len(prompt_ids)} tokens and max_new_tokens={sampling.max_new_tokens}: "
+                f"together more than the model's maximum sequence length {max_seq_len}"
+            )
+        if not 0 <= start_len <= len(prompt_ids):
+            raise ValueError(f"routed_experts_start_len={start_len} must be in [0, {len(prompt_ids)}] for {where}")
+        rid = rids[i] if rids[i] is not None else uuid.uuid4().hex
+        items.append(GenerateItem(prompt_ids, sampling, logprob_flags[i], routes_flag, start_len, rid))
+    return GenerateRequest(items, is_batch, stream)
+
+
+def sampling_from_sglang(params: Any) -> SamplingParams:
+    """SGLang ``sampling_params`` -> ``SamplingParams``; unknown or mistyped keys are refused by name."""
+    if not isinstance(params, dict):
+        raise ValueError(f"sampling_params must be an object, got {type(params).__name__}")
+    ours = {v: k for k, v in _SAMPLING_KEYS.items()}
+    unknown = sorted(set(params) - set(ours) - _INERT_SAMPLING_KEYS)
+    if unknown:
+        raise ValueError(f"unsupported sampling_params {unknown}; supported: {sorted(ours)}")
+    if "max_new_tokens" not in params:
+        raise ValueError("sampling_params.max_new_tokens is required")
+    kwargs = {ours[k]: v for k, v in params.items() if k in ours and v is not None}
+    for key in ("temperature", "top_p"):
+        if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], (int, float))):
+            raise ValueError(f"sampling_params.{key} must be a number, got {kwargs[key]!r}")
+    if "stop_token_ids" in kwargs and not isinstance(kwargs["stop_token_ids"], list):
+        raise ValueError(f"sampling_params.stop_token_ids must be a list, got {kwargs['stop_token_ids']!r}")
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise ValueError(f"sampling_params: {exc}") from None
+
+
+def build_reply(
+    item: GenerateItem,
+    rollout: Rollout,
+    spec: MoESpec,
+    *,
+    capture: bool,
+    weight_version: str = DEFAULT_WEIGHT_VERSION,
+    e2e_latency: float = 0.0,
+) -> dict[str, Any]:
+    """An SGLang 0.5.17 reply (same keys, same order) for one finished item."""
+    cached = int(rollout.meta.get(CACHED_TOKENS_META_KEY, 0))
+    reply = _reply(
+        item, rollout.output_ids, rollout.output_logprobs, finish_reason_to_sglang(rollout), cached, weight_version
+    )
+    meta = reply["meta_info"]
+    if capture and item.return_routed_experts:
+        routes = rollout.routed_experts
+        if routes is None:
+            raise RuntimeError("the engine returned no routes although capture is on")
+        if routes.start != item.start_len or routes.end != rollout.num_tokens - 1:
+            raise RuntimeError(
+                f"engine routes cover [{routes.start}, {routes.end}) but the reply needs "
+                f"[{item.start_len}, {rollout.num_tokens - 1})"
+            )
+        spec.check(routes, "engine routes")
+        meta["routed_experts"] = routes.to_sglang(spec.num_hidden_layers)
+    meta.update(dp_rank=None, e2e_latency=e2e_latency, response_sent_to_client_ts=time.time())
+    return reply
+
+
+def build_partial_reply(
+    item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float], *,
+    weight_version: str = DEFAULT_WEIGHT_VERSION,
+) -> dict[str, Any]:
+    """A streamed chunk before the end: cumulative tokens, ``finish_reason`` null, no routes yet (as SGLang)."""
+    reply = _reply(item, output_ids, logprobs, None, 0, weight_version)
+    reply["meta_info"]["dp_rank"] = None
+    return reply
+
+
+def _reply(
+    item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float], finish: dict[str, Any] | None,
+    cached: int, weight_version: str,
+) -> dict[str, Any]:
+    ids = [int(t) for t in output_ids]
+    meta: dict[str, Any] = {
+        "id": item.rid,
+        "finish_reason": finish,
+        "prompt_tokens": len(item.prompt_ids),
+        "weight_version": weight_version,
+        "num_retractions": 0,
+    }
+    if item.return_logprob:
+        meta["input_token_logprobs"] = []
+        meta["output_token_logprobs"] = [[float(lp), t, None] for lp, t in zip(logprobs, ids)]
+        meta["output_token_logprobs_length"] = len(ids)
+    meta.update(
+        reasoning_tokens=0,
+        completion_tokens=len(ids),
+        cached_tokens=cached,
+        cached_tokens_details={"device": cached, "host": 0} if cached else None,
+    )
+    return {"output_ids": ids, "meta_info": meta}
+
+
+def finish_reason_to_sglang(rollout: Rollout) -> dict[str, Any]:
+    if rollout.finish_reason == FINISH_LENGTH:
+        return {"type": "length", "length": len(rollout.output_ids)}
+    if rollout.finish_reason == FINISH_STOP:
+        return {"type": "stop", "matched": int(rollout.output_ids[-1]) if rollout.output_ids else None}
+    return {"type": "abort", "message": str(rollout.meta.get("abort_message", "aborted"))}
+
+
+def error_body(message: str) -> dict[str, Any]:
+    """SGLang's error shape: ``{"error": {"message": ...}}``."""
+    return {"error": {"message": message}}
+
+
+# ------------------------------------------------------------------- helpers
+def _error_message(reply: Mapping[str, Any]) -> str:
+    err = reply.get("error")
+    return str(err.get("message", err)) if isinstance(err, Mapping) else str(err)
+
+
+def _field(obj: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in obj:
+        raise ValueError(f"{where} has no {key!r}")
+    if not isinstance(obj[key], kind):
+        raise ValueError(f"{where}.{key} must be {kind.__name__}, got {type(obj[key]).__name__}")
+    return obj[key]
+
+
+def _int_list(values: list, what: str) -> list[int]:
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"{what} must be a list of integers")
+    return list(values)
+
+
+_JSON_TYPE_NAMES = {dict: "an object", list: "a list", bool: "a boolean", int: "an integer", str: "a string"}
+
+
+def _typed(value: Any, kind: type, what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise ValueError(f"{what} must be {_JSON_TYPE_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def _per_item(value: Any, n: int, what: str, kind: type, default: Any) -> list[Any]:
+    """SGLang accepts one value for the whole batch or a list with one per prompt."""
+    if value is None:
+        return [default] * n
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{what} has {len(value)} entries for {n} prompts")
+        return [_typed(v, kind, f"{what}[{i}]") for i, v in enumerate(value)]
+    return [_typed(value, kind, what)] * n
+
+
+def _token_ids(prompt: Any, where: str, vocab_size: int) -> list[int]:
+    if not isinstance(prompt, list) or not prompt:
+        raise ValueError(f"{where} must be a non-empty list of token ids")
+    for j, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise ValueError(f"{where}[{j}] = {t!r} is not an integer token id")
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{where}[{j}] = {t} is outside the vocabulary [0, {vocab_size})")
+    return list(prompt)

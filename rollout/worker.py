@@ -1,0 +1,72 @@
+"""``RolloutWorker``: the one public way to generate rollouts, whichever engine serves them.
+
+The built-in engine runs in-process; ``engine="sglang"`` talks to an SGLang server
+through ``rollout.sglang.backend.SGLangBackend`` (imported lazily so the built-in
+path needs neither it nor an HTTP client). Both return ``Rollout`` objects with
+``RoutedExperts`` routes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rollout.types import Rollout, SamplingParams
+
+ENGINES = ("builtin", "sglang")
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        engine: str = "builtin",
+        device: str = "cpu",
+        dtype: str = "float32",
+        overlap: bool = True,
+        return_routed_experts: bool = True,
+        **engine_options: Any,
+    ) -> None:
+        if engine == "builtin":
+            if model_path is None:
+                raise ValueError("the builtin engine needs model_path (an HF checkpoint directory)")
+            from rollout.engine.engine import Engine
+
+            self._backend: Any = Engine(
+                model_path, device=device, dtype=dtype, overlap=overlap,
+                return_routed_experts=return_routed_experts, **engine_options,
+            )
+        elif engine == "sglang":
+            from rollout.sglang.backend import SGLangBackend
+
+            self._backend = SGLangBackend(model_path=model_path, return_routed_experts=return_routed_experts, **engine_options)
+        else:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+        self.engine = engine
+
+    @property
+    def backend(self) -> Any:
+        """The engine object itself (``rollout.engine.engine.Engine`` for builtin)."""
+        return self._backend
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams | list[SamplingParams],
+        start_len: int | list[int] = 0,
+    ) -> list[Rollout]:
+        """One ``Rollout`` per prompt, in order; routes cover ``[start_len, len(prompt)+len(output)-1)``."""
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+        return self._backend.generate(list(prompts), sampling, start_len)
+
+    def close(self) -> None:
+        close = getattr(self._backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "RolloutWorker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

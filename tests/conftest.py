@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny checkpoints made once per session, and the real SGLang fixture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SGLANG_FIXTURE = REPO.parent / "shared" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(preset, seed=0)`` -> a checkpoint directory, made once per (preset, seed)."""
+    from rollout.presets import init_model
+
+    root = tmp_path_factory.mktemp("models")
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(preset: str, seed: int = 0) -> Path:
+        key = (preset, seed)
+        if key not in made:
+            made[key] = init_model(preset, root / f"{preset}-{seed}", seed=seed)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sglang_fixture() -> Path:
+    if not (SGLANG_FIXTURE / "replies.json").exists():
+        pytest.skip(f"real SGLang fixture not found at {SGLANG_FIXTURE}")
+    return SGLANG_FIXTURE

@@ -1,0 +1,57 @@
+"""Streaming: a chunk per engine step with the tokens so far, then the finished reply with its routes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import pytest
+
+from rollout.engine.engine import Engine
+from rollout.serve.server import R3Server
+from rollout.sglang.backend import SGLangBackend
+from rollout.types import SamplingParams
+
+
+class ProgressEngine(Engine):
+    """The built-in engine plus ``progress(rid)``, the hook streaming reads (until the engine has its own)."""
+
+    def progress(self, rid):
+        request = self._requests.get(rid)
+        return None if request is None else (list(request.output_ids), list(request.output_logprobs))
+
+
+def test_stream_sends_growing_chunks_then_the_full_reply(tiny_model_dir):
+    model = tiny_model_dir("tiny-qwen3-moe")
+    server = R3Server(ProgressEngine(model), model, port=0)
+    server.start_background()
+    try:
+        prompt = [5, 4, 3, 2, 1, 9]
+        with SGLangBackend(url=server.url, model_path=model) as backend:
+            (whole,) = backend.generate([prompt], SamplingParams(6, temperature=0))
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": 6, "temperature": 0},
+                "return_logprob": True, "return_routed_experts": True, "stream": True}
+        conn.request("POST", "/generate", json.dumps(body))
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+        events = [e[len("data: "):] for e in resp.read().decode().split("\n\n") if e]
+        # The connection stays usable after a chunked reply.
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        server.shutdown()
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 3
+    for partial in chunks[:-1]:
+        n = len(partial["output_ids"])
+        assert partial["output_ids"] == whole.output_ids[:n]
+        streamed_logprobs = [lp for lp, _, _ in partial["meta_info"]["output_token_logprobs"]]
+        assert streamed_logprobs == pytest.approx(whole.output_logprobs[:n], abs=1e-5)
+        assert partial["meta_info"]["finish_reason"] is None and "routed_experts" not in partial["meta_info"]
+    final = chunks[-1]
+    assert final["output_ids"] == whole.output_ids
+    assert final["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
+    assert final["meta_info"]["routed_experts"] == whole.routed_experts.to_sglang(4)

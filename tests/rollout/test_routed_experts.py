@@ -1,0 +1,210 @@
+"""The RoutedExperts contract: compact storage, round trips, and loud failures on corruption."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rollout import RoutedExperts
+from rollout.routed_experts import HEADER_BYTES, compact_dtype, sentinel_for
+
+
+def random_routes(rng: np.random.Generator, tokens: int, layers: int, top_k: int, num_experts: int) -> np.ndarray:
+    """Distinct ids per (token, layer) row, like a real top-k."""
+    keys = rng.random((tokens, layers, num_experts))
+    return np.argpartition(keys, top_k - 1, axis=-1)[..., :top_k].astype(np.int64)
+
+
+shapes = st.tuples(
+    st.integers(0, 40),  # tokens
+    st.integers(1, 6),  # layers
+    st.sampled_from([2, 7, 8, 16, 128, 255, 256, 1000, 65535]),  # num_experts, both dtypes and their edges
+    st.integers(1, 8),  # top_k
+    st.integers(0, 2**40),  # start
+    st.integers(0, 2**32 - 1),  # seed
+)
+
+
+def make(tokens, layers, num_experts, top_k, start, seed, *, missing: float = 0.1) -> tuple[np.ndarray, RoutedExperts]:
+    top_k = min(top_k, num_experts)
+    rng = np.random.default_rng(seed)
+    if num_experts > 4096:  # argpartition over 65535 keys per row is slow; draw distinct ids by rejection instead
+        ids = np.stack([rng.choice(num_experts, size=top_k, replace=False) for _ in range(tokens * layers)] or
+                       [np.zeros(top_k, np.int64)])[: tokens * layers].reshape(tokens, layers, top_k)
+    else:
+        ids = random_routes(rng, tokens, layers, top_k, num_experts)
+    ids[rng.random((tokens, layers)) < missing] = -1
+    moe_layers = sorted(rng.choice(3 * layers, size=layers, replace=False).tolist())
+    return ids, RoutedExperts(ids, num_experts, moe_layers, start)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes)
+def test_binary_round_trip(shape):
+    ids, re = make(*shape)
+    assert re.ids.dtype == compact_dtype(re.num_experts)
+    back = RoutedExperts.decode(re.encode())
+    assert back == re
+    assert back.ids.dtype == re.ids.dtype
+    assert RoutedExperts.from_base64(re.to_base64()) == re
+    np.testing.assert_array_equal(re.to_torch().numpy(), np.where(ids < 0, -1, ids))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_sglang_and_vllm_round_trip(shape):
+    tokens, layers, num_experts, top_k, start, seed = shape
+    _, re = make(tokens, layers, num_experts, top_k, start, seed, missing=0.0)
+    num_hidden = max(re.moe_layers) + 1
+    sglang = RoutedExperts.from_sglang(
+        re.to_sglang(num_hidden), num_experts=num_experts, num_hidden_layers=num_hidden,
+        top_k=re.top_k, moe_layers=re.moe_layers, start=start, num_tokens=tokens,
+    )
+    assert sglang == re
+    full = np.zeros((tokens, num_hidden, re.top_k), np.int32)
+    full[:, list(re.moe_layers)] = re.to_int32()
+    assert RoutedExperts.from_vllm(full, num_experts=num_experts, moe_layers=re.moe_layers, start=start) == re
+
+
+def test_dtype_and_sentinel_edges():
+    assert compact_dtype(255) == np.uint8 and sentinel_for(255) == 255
+    assert compact_dtype(256) == np.uint16 and sentinel_for(256) == 65535
+    assert compact_dtype(65535) == np.uint16
+    with pytest.raises(ValueError, match="num_experts"):
+        compact_dtype(65536)
+    re = RoutedExperts(torch.tensor([[[254, 0]], [[-1, -1]]]), 255)
+    assert re.ids.dtype == np.uint8 and re.ids[1].tolist() == [[255, 255]]
+    assert re.row_mask().tolist() == [[True], [False]]
+
+
+def test_size_qwen3_30b_a3b_shape():
+    """48 MoE layers x top-8 of 128 experts: 384 bytes a token plus a fixed header; SGLang's int32 takes 2048."""
+    rng = np.random.default_rng(0)
+    small = RoutedExperts(random_routes(rng, 10, 48, 8, 128), 128)
+    big = RoutedExperts(random_routes(rng, 1010, 48, 8, 128), 128)
+    per_token = (len(big.encode()) - len(small.encode())) / 1000
+    assert per_token == 384
+    assert len(big.encode()) == HEADER_BYTES + 2 * 48 + 384 * 1010
+    assert len(big.to_sglang(48)) / big.num_tokens == 2048  # base64 text of int32: 48 * 8 * 4 * 4/3
+
+
+def test_slice_and_concat_turns():
+    rng = np.random.default_rng(1)
+    re = RoutedExperts(random_routes(rng, 30, 3, 2, 8), 8, [1, 2, 4], start=5)
+    a, b, c = re.slice(5, 12), re.slice(12, 20), re.slice(20)
+    assert (a.start, b.start, c.start, c.end) == (5, 12, 20, 35)
+    assert RoutedExperts.concat([a, b, c]) == re
+    with pytest.raises(ValueError, match="gap"):
+        RoutedExperts.concat([a, c])
+    with pytest.raises(ValueError, match="overlap"):
+        RoutedExperts.concat([re.slice(5, 15), b])
+    with pytest.raises(ValueError, match="outside"):
+        re.slice(0, 10)
+    other = RoutedExperts(random_routes(rng, 3, 3, 2, 16), 16, [1, 2, 4], start=12)
+    with pytest.raises(ValueError, match="different models"):
+        RoutedExperts.concat([a, other])
+
+
+@pytest.mark.parametrize(
+    "ids, num_experts, moe_layers, match",
+    [
+        (np.zeros((2, 3), dtype=np.int64), 8, None, "shape"),
+        (np.array([[[0, 9]]]), 8, None, "out of range"),
+        (np.array([[[3, 3]]]), 8, None, "duplicate"),
+        (np.array([[[3, -1]]]), 8, None, "partly missing"),
+        (np.array([[[0, 1]], [[1, 2]]], dtype=np.float32), 8, None, "integers"),
+        (np.array([[[0, 1], [1, 2]]]), 8, [3, 1], "increasing"),
+        (np.array([[[0, 1], [1, 2]]]), 8, [0], "entries"),
+        (np.zeros((1, 1, 9), dtype=np.int64), 8, None, "top_k"),
+    ],
+)
+def test_invalid_routes_are_named(ids, num_experts, moe_layers, match):
+    with pytest.raises(ValueError, match=match):
+        RoutedExperts(ids, num_experts, moe_layers)
+
+
+def test_compact_input_out_of_range_is_caught():
+    ids = np.full((1, 1, 2), 9, dtype=np.uint8)
+    ids[0, 0, 1] = 1
+    with pytest.raises(ValueError, match="out of range|>= num_experts"):
+        RoutedExperts(ids, 8)
+
+
+class TestCorruptPayloads:
+    @pytest.fixture
+    def blob(self) -> bytes:
+        rng = np.random.default_rng(2)
+        return RoutedExperts(random_routes(rng, 6, 4, 2, 8), 8).encode()
+
+    def test_truncated(self, blob):
+        for cut in (0, 5, HEADER_BYTES - 1, HEADER_BYTES + 3, len(blob) - 1):
+            with pytest.raises(ValueError, match="truncated"):
+                RoutedExperts.decode(blob[:cut])
+
+    def test_trailing_bytes(self, blob):
+        with pytest.raises(ValueError, match="trailing"):
+            RoutedExperts.decode(blob + b"\0")
+
+    def test_bad_magic(self, blob):
+        with pytest.raises(ValueError, match="magic"):
+            RoutedExperts.decode(b"XXXX" + blob[4:])
+
+    def test_bad_version(self, blob):
+        with pytest.raises(ValueError, match="version"):
+            RoutedExperts.decode(blob[:4] + struct.pack("<H", 99) + blob[6:])
+
+    def test_length_does_not_match_shape(self, blob):
+        bigger = bytearray(blob)
+        struct.pack_into("<I", bigger, 8, 7)  # claim 7 tokens instead of 6
+        with pytest.raises(ValueError, match="needs"):
+            RoutedExperts.decode(bytes(bigger))
+
+    def test_flipped_payload_byte(self, blob):
+        bad = bytearray(blob)
+        bad[-1] ^= 0x01
+        with pytest.raises(ValueError, match="CRC32"):
+            RoutedExperts.decode(bytes(bad))
+
+    def test_out_of_range_id_with_valid_crc(self):
+        """A writer that skipped validation: the CRC is fine, the ids are not."""
+        import zlib
+
+        from rollout.routed_experts import _HEADER, FORMAT_VERSION, MAGIC
+
+        payload = np.array([0], "<u2").tobytes() + bytes([0, 9])
+        blob = _HEADER.pack(MAGIC, FORMAT_VERSION, 1, 0, 1, 1, 2, 8, 0, zlib.crc32(payload)) + payload
+        with pytest.raises(ValueError, match=">= num_experts"):
+            RoutedExperts.decode(blob)
+
+    def test_duplicate_ids_with_valid_crc(self):
+        import zlib
+
+        from rollout.routed_experts import _HEADER, FORMAT_VERSION, MAGIC
+
+        payload = np.array([0], "<u2").tobytes() + bytes([4, 4])
+        blob = _HEADER.pack(MAGIC, FORMAT_VERSION, 1, 0, 1, 1, 2, 8, 0, zlib.crc32(payload)) + payload
+        with pytest.raises(ValueError, match="duplicate"):
+            RoutedExperts.decode(blob)
+
+    def test_bad_base64(self):
+        with pytest.raises(ValueError, match="base64"):
+            RoutedExperts.from_base64("not base64!!")
+
+
+def test_sglang_errors_are_named():
+    good = base64.b64encode(np.zeros((3, 2, 2), "<i4").tobytes()).decode()
+    with pytest.raises(ValueError, match="not a multiple"):
+        RoutedExperts.from_sglang(good, num_experts=8, num_hidden_layers=5, top_k=2)
+    with pytest.raises(ValueError, match="expected 4"):
+        RoutedExperts.from_sglang(good, num_experts=8, num_hidden_layers=2, top_k=2, num_tokens=4)
+    with pytest.raises(ValueError, match="base64"):
+        RoutedExperts.from_sglang("%%%", num_experts=8, num_hidden_layers=2, top_k=2)
+    # zeros everywhere are duplicate ids within a row: SGLang's dense-layer zeros must be dropped via moe_layers
+    with pytest.raises(ValueError, match="duplicate"):
+        RoutedExperts.from_sglang(good, num_experts=8, num_hidden_layers=2, top_k=2)

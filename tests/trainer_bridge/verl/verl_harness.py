@@ -1,0 +1,180 @@
+"""Drive verl's own FSDP training worker on CPU, the way verl's PPO trainer drives it.
+
+Nothing here re-implements verl: the worker is verl's ``TrainingWorker`` (it
+builds ``FSDPEngineWithLMHead`` through verl's ``EngineRegistry``), batches go
+through ``DataProto`` -> ``to_tensordict`` -> ``left_right_2_no_padding`` exactly as
+``RayPPOTrainer._compute_old_log_prob`` / ``_update_actor`` send them, and the
+update pass uses verl's ``ppo_loss``. The two CPU-specific pieces are verl
+extension points: a CPU platform (``set_platform``) and ``VERL_ENGINE_DEVICE``
+to select the engine registered for CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cache, partial
+from typing import Any
+
+import torch
+
+from cpu_platform import PlatformCPU
+
+from verl.plugin.platform.platform_manager import set_platform  # noqa: E402
+
+set_platform(PlatformCPU())
+os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # the FSDP engine registers for cuda/npu; the platform makes it run on CPU
+
+from hydra import compose, initialize_config_module  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.trainer.config import CheckpointConfig  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
+from verl.workers.config import (  # noqa: E402
+    EngineRouterReplayConfig,
+    FSDPEngineConfig,
+    FSDPOptimizerConfig,
+    HFModelConfig,
+    TrainingWorkerConfig,
+)
+from verl.workers.engine.fsdp import transformer_impl  # noqa: E402
+from verl.workers.engine_workers import TrainingWorker  # noqa: E402
+from verl.workers.utils.losses import ppo_loss  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
+
+PLUGIN = "trainer_bridge.verl.plugin"
+FP32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+
+
+def engine_runs_on_cpu() -> bool:
+    return transformer_impl.device_name == "cpu"
+
+
+def init_process_group() -> None:
+    """Single-process gloo group, as verl's worker would create under Ray."""
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    os.environ.update(env)
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+
+@cache
+def ppo_actor_config() -> Any:
+    """verl's own actor config (``ppo_trainer.yaml``), for ``ppo_loss``."""
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=["actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"])
+    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+
+
+def make_worker(
+    model_dir: str,
+    mode: str,
+    *,
+    micro_batch: int,
+    remove_padding: bool = True,
+    gradient_checkpointing: bool = True,
+) -> TrainingWorker:
+    """verl's training worker on the FSDP engine, fp32 end to end, with the plugin loaded through external_lib."""
+    model = HFModelConfig(
+        path=model_dir,
+        load_tokenizer=False,
+        external_lib=PLUGIN,
+        use_remove_padding=remove_padding,
+        enable_gradient_checkpointing=gradient_checkpointing,
+        override_config={"attn_implementation": "sdpa"},
+    )
+    engine = FSDPEngineConfig(
+        strategy="fsdp2",
+        use_torch_compile=False,
+        mixed_precision=FP32,
+        use_dynamic_bsz=False,
+        infer_micro_batch_size_per_gpu=micro_batch,
+        micro_batch_size_per_gpu=micro_batch,
+        router_replay=EngineRouterReplayConfig(mode=mode),
+    )
+    worker = TrainingWorker(
+        TrainingWorkerConfig(
+            model_type="language_model",
+            model_config=model,
+            engine_config=engine,
+            optimizer_config=FSDPOptimizerConfig(lr=1e-3),
+            checkpoint_config=CheckpointConfig(),
+        )
+    )
+    worker.reset()
+    worker.set_loss_fn(partial(ppo_loss, config=ppo_actor_config()))
+    return worker
+
+
+def old_logprob_batch(fields: dict[str, torch.Tensor]) -> Any:
+    """``RayPPOTrainer._compute_old_log_prob``: DataProto -> TensorDict -> remove padding -> meta."""
+    data = DataProto.from_dict(tensors=dict(fields), meta_info={"temperature": 1.0})
+    td = left_right_2_no_padding(data.to_tensordict())
+    tu.assign_non_tensor(
+        td, calculate_entropy=False, compute_loss=False, global_token_num=fields["attention_mask"].sum(-1).tolist()
+    )
+    return td
+
+
+def update_batch(fields: dict[str, torch.Tensor], old_log_probs: torch.Tensor, advantages: torch.Tensor) -> Any:
+    """``RayPPOTrainer._update_actor``: one mini-batch of the whole batch, one epoch, no shuffle."""
+    tensors = dict(fields, old_log_probs=old_log_probs, advantages=advantages)
+    data = DataProto.from_dict(tensors=tensors, meta_info={"temperature": 1.0})
+    td = left_right_2_no_padding(data.to_tensordict())
+    size = fields["input_ids"].shape[0]
+    tu.assign_non_tensor(
+        td,
+        calculate_entropy=False,
+        distillation_use_topk=False,
+        distillation_only=False,
+        global_batch_size=size,
+        mini_batch_size=size,
+        epochs=1,
+        seed=0,
+        dataloader_kwargs={"shuffle": False},
+        compute_loss=True,
+    )
+    return td
+
+
+
+@dataclass
+class RouteProbe:
+    """Per MoE layer, every call's router logits and the ids that reached the experts (forward and recompute)."""
+
+    logits: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    ids: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    handles: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def attach(cls, module: torch.nn.Module) -> "RouteProbe":
+        probe = cls()
+        for name, sub in module.named_modules():
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] == "mlp" and parts[-1] in ("gate", "experts"):
+                layer = int(parts[parts.index("layers") + 1])
+                if parts[-1] == "gate":
+                    probe.handles.append(sub.register_forward_hook(partial(probe._on_gate, layer)))
+                else:
+                    probe.handles.append(sub.register_forward_pre_hook(partial(probe._on_experts, layer)))
+        return probe
+
+    def _on_gate(self, layer: int, module: Any, args: Any, output: Any) -> None:
+        self.logits[layer].append(output[0].detach().clone())
+
+    def _on_experts(self, layer: int, module: Any, args: Any) -> None:
+        self.ids[layer].append(args[1].detach().clone())
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    @property
+    def calls(self) -> int:
+        return sum(len(v) for v in self.ids.values())

@@ -1,0 +1,204 @@
+"""R3 and R2 for verl's FSDP (transformers) engine, switched on from verl's own config.
+
+verl replays routes only in its Megatron and VeOmni engines and treats
+``router_replay.mode`` as ``disabled`` for FSDP (verl issue #5392). Importing this
+module (verl does it for you through ``actor_rollout_ref.model.external_lib``)
+wraps three methods of ``FSDPEngineWithLMHead``; verl's files are not touched:
+
+* ``forward_backward_batch`` decides, before any forward, what this batch does:
+  replay the batch's ``routed_experts`` (R3 always; R2 on the update passes) or
+  record the trainer's own routes (R2 on the forward-only old-logprob pass), and
+  validates the routes against the model (layer count, top_k, ids);
+* ``prepare_model_inputs`` lays the micro-batch's routes out like the
+  ``input_ids`` it just built (packed remove-padding row with its tail pad, or
+  right-padded rows) and opens trainer_bridge's :func:`~trainer_bridge.replay`
+  (or :func:`~trainer_bridge.record`) on the module. The context stays open
+  until the next micro-batch starts, so the backward of this micro-batch,
+  activation-checkpoint recompute included, replays the same routes;
+* ``prepare_model_outputs`` returns the R2 recording as ``routed_experts`` in
+  verl's nested int16 form, which verl's trainer carries into the update batch.
+
+The mode is verl's own key, read per engine, so the reference model (its own
+``fsdp_config``) keeps routing natively: ``actor_rollout_ref.actor.fsdp_config.router_replay.mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tensordict import TensorDict
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+from verl.workers.utils.padding import build_attention_mask_from_nested
+
+from rollout.moe_spec import MoESpec
+from trainer_bridge.replay import Recording, check_route_tensor, record, replay
+from trainer_bridge.verl.layout import (
+    ROLLOUT_ROUTES_KEY,
+    ROUTES_FIELD,
+    packed_model_routes,
+    padded_model_routes,
+    routes_from_nested,
+    routes_from_padded,
+    to_verl_layers,
+)
+
+MODE_KEY = "actor_rollout_ref.actor.fsdp_config.router_replay.mode"
+SP_KEY = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
+REPLAY_MODES = ("R2", "R3")
+GUARD = "warn"  # trainer_bridge's misalignment guard: warn when replayed routes look unrelated to the tokens
+REPLAY, RECORD = "replay", "record"
+
+
+def flat_routes(batch: TensorDict, spec: MoESpec) -> torch.Tensor:
+    """The batch's routes as int64 ``[total_tokens, L, K]`` rows aligned with ``input_ids.values()``."""
+    routes, input_ids = batch[ROUTES_FIELD], batch["input_ids"]
+    if routes.is_nested:
+        return routes_from_nested(routes, input_ids, spec)
+    mask = batch["attention_mask"]
+    return routes_from_padded(routes, mask, spec)[mask.bool()]
+
+
+def _uses_remove_padding(micro_batch: TensorDict) -> bool:
+    return bool(tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True))
+
+
+@dataclass
+class BatchScope:
+    """Replay or record state of one ``forward_backward_batch`` call."""
+
+    action: str
+    spec: MoESpec
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    recording: Recording | None = None
+    micro_batches: int = 0
+
+    def start_micro_batch(self, module: torch.nn.Module, micro_batch: TensorDict, model_input_ids: torch.Tensor) -> None:
+        """Close the previous micro-batch's context (its backward is done) and open this one's."""
+        self.stack.close()
+        self.micro_batches += 1
+        if self.action == RECORD:
+            self.recording = self.stack.enter_context(record(module))
+            return
+        flat = flat_routes(micro_batch, self.spec).to(model_input_ids.device)
+        if _uses_remove_padding(micro_batch):
+            routes = packed_model_routes(flat, model_input_ids.shape[1])
+        else:
+            routes = padded_model_routes(flat, micro_batch["input_ids"], model_input_ids.shape[1])
+        self.stack.enter_context(replay(module, routes, guard=GUARD))
+
+    def recorded(self, micro_batch: TensorDict) -> torch.Tensor:
+        """This micro-batch's recorded routes in verl's form: nested int16 ``[batch, seq, num_hidden_layers, K]``."""
+        routes = self.recording.routes
+        input_ids = micro_batch["input_ids"]
+        if _uses_remove_padding(micro_batch):
+            flat = routes[0, : input_ids.values().shape[0]]
+        else:
+            mask = build_attention_mask_from_nested(input_ids, max_seq_len=routes.shape[1])
+            flat = routes[mask.bool()]
+        return torch.nested.nested_tensor_from_jagged(
+            to_verl_layers(flat, self.spec), offsets=input_ids.offsets().to(flat.device)
+        )
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def engine_spec(engine: FSDPEngineWithLMHead) -> MoESpec:
+    """The model's MoE shape; refuses what the plugin cannot replay before any forward runs."""
+    mode = engine.engine_config.router_replay.mode
+    if engine.use_ulysses_sp:
+        raise ValueError(
+            f"{MODE_KEY}={mode} with Ulysses sequence parallelism ({SP_KEY}="
+            f"{engine.ulysses_sequence_parallel_size}) is not supported by the R3 verl plugin: set {SP_KEY}=1"
+        )
+    return MoESpec.from_config(engine.model_config.hf_config)
+
+
+def batch_action(engine: FSDPEngineWithLMHead, data: TensorDict, forward_only: bool) -> BatchScope | None:
+    """What this batch does (``None``: route natively), with every check that must precede the first forward."""
+    mode = engine.engine_config.router_replay.mode
+    if mode not in REPLAY_MODES:
+        return None
+    # verl's own per-call switch (set False for the reference pass by workers that honour router replay).
+    if tu.get_non_tensor_data(data=data, key="enable_routing_replay", default=True) is False:
+        return None
+    spec = engine_spec(engine)
+    if ROUTES_FIELD not in data.keys():
+        if mode == "R3":
+            raise ValueError(
+                f"{MODE_KEY}=R3 replays rollout routes, but the batch has no {ROUTES_FIELD!r} field: "
+                f"set {ROLLOUT_ROUTES_KEY}=True so the rollout engine returns them"
+            )
+        if not forward_only:
+            raise ValueError(
+                f"{MODE_KEY}=R2 replays the routes recorded by the old-logprob pass, but this update batch has no "
+                f"{ROUTES_FIELD!r}: keep algorithm.rollout_correction.bypass_mode=False so compute_log_prob runs first"
+            )
+        return BatchScope(RECORD, spec)
+    check_route_tensor(flat_routes(data, spec), spec)
+    return BatchScope(REPLAY, spec)
+
+
+def _wrap_forward_backward_batch(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only: bool = False) -> Any:
+        scope = batch_action(self, data, forward_only)
+        if scope is None:
+            return original(self, data, loss_function, forward_only=forward_only)
+        self._r3_scope = scope
+        try:
+            return original(self, data, loss_function, forward_only=forward_only)
+        finally:
+            self._r3_scope = None
+            scope.close()
+
+    return forward_backward_batch
+
+
+def _wrap_prepare_model_inputs(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def prepare_model_inputs(self, micro_batch: TensorDict) -> Any:
+        model_inputs, output_args = original(self, micro_batch)
+        scope: BatchScope | None = getattr(self, "_r3_scope", None)
+        if scope is not None:
+            scope.start_micro_batch(self.module, micro_batch, model_inputs["input_ids"])
+        return model_inputs, output_args
+
+    return prepare_model_inputs
+
+
+def _wrap_prepare_model_outputs(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def prepare_model_outputs(self, output: Any, output_args: dict, micro_batch: TensorDict, logits_processor_func: Any) -> Any:
+        model_output = original(self, output, output_args, micro_batch, logits_processor_func)
+        scope: BatchScope | None = getattr(self, "_r3_scope", None)
+        if scope is not None and scope.action == RECORD:
+            model_output[ROUTES_FIELD] = scope.recorded(micro_batch)
+        return model_output
+
+    return prepare_model_outputs
+
+
+_WRAPPERS = {
+    "forward_backward_batch": _wrap_forward_backward_batch,
+    "prepare_model_inputs": _wrap_prepare_model_inputs,
+    "prepare_model_outputs": _wrap_prepare_model_outputs,
+}
+_INSTALLED = "_r3_plugin_installed"
+
+
+def install(engine_cls: type = FSDPEngineWithLMHead) -> None:
+    """Wrap the engine's methods once; importing this module calls it."""
+    if engine_cls.__dict__.get(_INSTALLED):
+        return
+    for name, wrap in _WRAPPERS.items():
+        setattr(engine_cls, name, wrap(getattr(engine_cls, name)))
+    setattr(engine_cls, _INSTALLED, True)
+
+
+install()
