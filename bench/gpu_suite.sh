@@ -1,23 +1,20 @@
 #!/usr/bin/env bash
 # Everything issue 8 measures, in one call on the GPU machine. Run from the repository root:
 #
-#   bash bench/gpu_suite.sh                      # default stages: env checkpoint roofline kernels throughput
+#   bash bench/gpu_suite.sh                      # default stages: deps env checkpoint roofline kernels throughput
 #   bash bench/gpu_suite.sh sglang               # real SGLang vs the built-in engine (needs /tmp/sglang-site unpacked;
 #                                                # do not export PYTHONPATH=/tmp/sglang-site: only the SGLang child gets it)
 #   bash bench/gpu_suite.sh env kernels          # any subset, in the order given (a stage may repeat)
-#   PATCH_SCRIPT=taskF/apply_engine_patch.py bash bench/gpu_suite.sh patch throughput_triton graphs_off
-#                                                # before/after an engine patch, same card, same call
 #
-# Stages: env checkpoint roofline kernels throughput (default), gpu_tests, replay, sglang, suite (the whole pytest
-# suite), patch (apply $PATCH_SCRIPT to this copy of the tree; later stages of the call run the patched code),
-# throughput_triton (built-in engine only, attention_backend=triton: the paged kernel, and CUDA graphs once patched),
-# graphs_off (built-in engine, routes on/overlap on, attention_backend=triton with the cuda_graphs=false option).
+# Stages: deps env checkpoint roofline kernels throughput (default), gpu_tests, replay, sglang, suite (the whole pytest
+# suite), eager (built-in engine, routes on/overlap on, torch attention, no CUDA graphs), graphs_off (the same with paged
+# Triton attention). throughput runs the built-in engine with attention_backend=triton and cuda_graph=true.
 # Stage i logs to $OUT/<i>-<stage>.log (JSON results alike) and its wall time to $OUT/summary.txt; a failed stage
 # never stops the next.
 # The whole call stops starting stages once SUITE_BUDGET seconds (default 540) have passed, and caps each stage's
 # timeout by what is left, so the summary and logs come back inside a 10-minute call.
 # Environment: OUT (default ./gpu-out), MODEL (default /tmp/bench-qwen3-moe), STAGE_TIMEOUT seconds (default 420),
-# SGLANG_SITE (default /tmp/sglang-site), THROUGHPUT_ARGS (extra bench.rollout_throughput flags), REPLAY_ARGS.
+# SGLANG_SITE (default /tmp/sglang-site), WHEELS (folder of pytest wheels, default ./.gpu-wheels), THROUGHPUT_ARGS (extra bench.rollout_throughput flags), REPLAY_ARGS.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +25,7 @@ MODEL="${MODEL:-/tmp/bench-qwen3-moe}"
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-420}"
 SUITE_BUDGET="${SUITE_BUDGET:-540}"
 SGLANG_SITE="${SGLANG_SITE:-/tmp/sglang-site}"
+WHEELS="${WHEELS:-$REPO/.gpu-wheels}"
 mkdir -p "$OUT"
 SUITE_START=$SECONDS
 STAGE_COUNT=0
@@ -44,7 +42,7 @@ for name in ("triton", "transformers", "safetensors", "numpy"):
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:  # report, keep going
         print(name, "unavailable:", exc)
-# torch._grouped_mm self-check: does it exist, and is the calling convention what kernels/grouped_experts.py assumes?
+# torch._grouped_mm self-check: does it exist, and is the calling convention what the engine (models/layers.experts_forward) assumes?
 # Convention assumed: A [M, K] rows sorted by group, B [G, K, N], offs int32 [G] = cumulative END row of each group.
 print("torch._grouped_mm:", hasattr(torch, "_grouped_mm"), "| F.grouped_mm:", hasattr(torch.nn.functional, "grouped_mm"))
 if hasattr(torch, "_grouped_mm") and torch.cuda.is_available():
@@ -65,9 +63,16 @@ if hasattr(torch, "_grouped_mm") and torch.cuda.is_available():
 EOF
 }
 
+# The image may lack pytest: install it from carried wheels (pip download pytest pytest-timeout hypothesis, cp312).
+stage_deps() {
+  python -m pip install -e . --no-deps --no-build-isolation -q || echo "editable install failed; using PYTHONPATH"
+  if python -c "import pytest, pytest_timeout, hypothesis" 2>/dev/null; then echo "pytest, pytest-timeout, hypothesis present"
+  elif [ -d "$WHEELS" ]; then python -m pip install -q --no-index --find-links "$WHEELS" pytest pytest-timeout hypothesis
+  else echo "pytest/pytest-timeout/hypothesis missing and no wheel folder at $WHEELS"; return 1; fi
+}
+
 stage_checkpoint() {
   if [ -f "$MODEL/config.json" ]; then echo "reusing $MODEL"; else
-    python -m pip install -e . --no-deps --no-build-isolation -q || echo "editable install failed; using PYTHONPATH"
     python -m recipes.cli init-model --preset bench-qwen3-moe --out "$MODEL" --device cuda
   fi
   du -sh "$MODEL"
@@ -84,28 +89,30 @@ stage_gpu_tests() { python -m pytest tests -m gpu -q -p no:cacheprovider; }
 
 stage_suite() { python -m pytest tests -q -p no:cacheprovider -x --timeout 300; }
 
+# The engine's CUDA options as of 2026-11-27 21:00 UTC: attention_backend (torch|triton), cuda_graph (bool).
+FAST_OPTIONS="--engine-option attention_backend=triton --engine-option cuda_graph=true"
+
+# The headline table: built-in engine (paged Triton attention + CUDA graphs) in all four modes, and transformers.
 stage_throughput() {
-  python -m bench.rollout_throughput --model "$MODEL" --json "$OUT/$STAGE_ID-throughput.json" ${THROUGHPUT_ARGS:-}
+  python -m bench.rollout_throughput --model "$MODEL" $FAST_OPTIONS --json "$OUT/$STAGE_ID-throughput.json" ${THROUGHPUT_ARGS:-}
 }
 
-stage_throughput_triton() {
-  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --engine-option attention_backend=triton \
-    --json "$OUT/$STAGE_ID-throughput_triton.json" ${THROUGHPUT_ARGS:-}
+# What the CUDA path bought: routes on / overlap on with the torch attention path and no graphs.
+stage_eager() {
+  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on \
+    --json "$OUT/$STAGE_ID-eager.json" ${THROUGHPUT_ARGS:-}
 }
 
+# What the graphs alone bought: paged Triton attention, no graphs.
 stage_graphs_off() {
-  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on --engine-option attention_backend=triton \
-    --engine-option cuda_graphs=false --json "$OUT/$STAGE_ID-graphs_off.json" ${THROUGHPUT_ARGS:-}
-}
-
-stage_patch() {
-  if [ -z "${PATCH_SCRIPT:-}" ] || [ ! -f "$PATCH_SCRIPT" ]; then echo "PATCH_SCRIPT unset or missing: nothing applied"; return 1; fi
-  python "$PATCH_SCRIPT" . || return 1
-  git diff --stat 2>/dev/null || true
+  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on \
+    --engine-option attention_backend=triton --json "$OUT/$STAGE_ID-graphs_off.json" ${THROUGHPUT_ARGS:-}
 }
 
 stage_replay() {
-  if [ -f bench/replay_overhead.py ]; then python -m bench.replay_overhead ${REPLAY_ARGS:-}
+  # its last log line is the JSON result
+  if [ -f bench/replay_overhead.py ]; then
+    python -m bench.replay_overhead ${REPLAY_ARGS:---device cuda --preset bench-qwen3-moe --batch 4 --seq 2048}
   else echo "bench/replay_overhead.py not present: skipped"; fi
 }
 
@@ -113,7 +120,7 @@ stage_sglang() {
   if [ ! -d "$SGLANG_SITE/sglang" ]; then echo "no SGLang at $SGLANG_SITE (see ../shared/tools/sglang-on-gpu): skipped"; return 1; fi
   # Same run, same card: the built-in engine with overlap on beside SGLang's three modes.
   python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on,off/on --sglang \
-    --engine-option attention_backend=triton \
+    $FAST_OPTIONS \
     --sglang-site "$SGLANG_SITE" --json "$OUT/$STAGE_ID-throughput_sglang.json" ${THROUGHPUT_ARGS:-}
 }
 
@@ -126,7 +133,7 @@ run_stage() {
   local limit=$((left < STAGE_TIMEOUT ? left : STAGE_TIMEOUT))
   echo "=== $STAGE_ID $name (suite at $((SECONDS - SUITE_START))s)"
   # timeout runs the stage in a child bash so one hung stage cannot eat the whole call
-  export -f "stage_$name"; export OUT MODEL SGLANG_SITE STAGE_ID
+  export -f "stage_$name"; export OUT MODEL SGLANG_SITE STAGE_ID FAST_OPTIONS WHEELS
   timeout --kill-after=10 "$limit" bash -c "stage_$name" >"$OUT/$STAGE_ID-$name.log" 2>&1
   rc=$?
   printf '%-3s %-12s rc=%-4s %5ss\n' "$STAGE_ID" "$name" "$rc" "$((SECONDS - start))" | tee -a "$OUT/summary.txt"
@@ -134,7 +141,7 @@ run_stage() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env checkpoint roofline kernels throughput)
+[ ${#stages[@]} -eq 0 ] && stages=(deps env checkpoint roofline kernels throughput)
 date -u +"suite start %Y-%m-%dT%H:%M:%SZ stages: ${stages[*]}" | tee -a "$OUT/summary.txt"
 for s in "${stages[@]}"; do run_stage "$s"; done
 echo "total $((SECONDS - SUITE_START))s" | tee -a "$OUT/summary.txt"

@@ -9,7 +9,9 @@ sides. Prompts are random token ids (the same ones for every engine), every
 request runs to ``--new-tokens`` (no stop tokens: the ``ignore_eos`` setting),
 and each engine first runs an untimed warm-up batch of the same size on other
 prompts, so one-off costs (CUDA graph capture, autotuning, allocator growth)
-stay out of the figure while no prompt is served from a prefix cache.
+stay out of the figure while no prompt is served from a prefix cache. The built-in
+engine gets a KV pool that holds every warm-up and timed sequence at once (unless
+``--engine-option kv_slots=N``), so no timed call pays for prefix-cache eviction.
 
 GPU: ``python -m bench.rollout_throughput --model /tmp/bench-qwen3-moe --sglang --json $OUT/throughput.json``
 CPU smoke test: ``python -m bench.rollout_throughput --quick``
@@ -21,6 +23,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,7 @@ from bench.roofline import checkpoint_weight_bytes, copy_bandwidth, decode_roofl
 from rollout.atomic import atomic_write_text
 
 QUICK_PRESET = "tiny-qwen3-moe"
+MIN_KV_SLOTS = 65536  # the engine's default pool
 WARMUP_SEED_OFFSET = 1_000_003  # warm-up prompts never share a prefix with timed ones
 BUILTIN_MODES = ((False, True), (True, True), (True, False), (False, False))  # (routes, overlap), issue 8's order
 SGLANG_MODES = ((True, True), (False, True), (True, False))
@@ -53,6 +57,7 @@ class Measurement:
     tok_s: float
     roofline_share: float | None = None
     note: str = ""
+    stats: dict | None = None  # the built-in engine's counters after the timed call
 
 
 def make_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int) -> list[list[int]]:
@@ -101,7 +106,8 @@ def bench_builtin(args: argparse.Namespace, vocab: int, routes: bool, overlap: b
 
             tokens, seconds = _timed(run, args.device)
             results.append(Measurement("builtin", routes, overlap, batch, tokens, seconds, tokens / seconds,
-                                       note=_check_rollouts(rollouts, args, routes)))
+                                       note=_check_rollouts(rollouts, args, routes),
+                                       stats=dict(getattr(worker.backend, "stats", {}))))
     return results
 
 
@@ -159,8 +165,15 @@ def bench_sglang(args: argparse.Namespace, vocab: int, routes: bool, overlap: bo
                "--routes", "on" if routes else "off", "--overlap", "on" if overlap else "off"]
         cmd += [f"--option={key}={json.dumps(value)}" for key, value in args.sglang_option.items()]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([args.sglang_site, str(Path(__file__).resolve().parents[1])]))
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=args.sglang_timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+        # its own session, so a hung run is killed with the scheduler processes SGLang forks (they hold GPU memory)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=args.sglang_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"sglang_offline did not finish in {args.sglang_timeout:.0f}s; killed") from None
+    lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"sglang_offline exited {proc.returncode} without a result (its log is on stderr above)")
     return [Measurement("sglang", routes, overlap, r["batch"], r["tokens"], r["seconds"], r["tok_s"], note=r.get("note", ""))
@@ -242,7 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sglang-site", default="/tmp/sglang-site", help="unpacked SGLang site-packages (../shared/tools/sglang-on-gpu)")
     p.add_argument("--sglang-option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="extra sglang.Engine keyword, e.g. mem_fraction_static=0.7")
-    p.add_argument("--sglang-timeout", type=float, default=420.0, help="seconds per SGLang child process")
+    p.add_argument("--sglang-timeout", type=float, default=240.0, help="seconds per SGLang child process")
     p.add_argument("--bandwidth", type=float, help="copy bandwidth in TB/s; measured on --device when omitted")
     p.add_argument("--json", help="write every measurement, the roofline and the ratios here")
     args = p.parse_args(argv)
@@ -253,6 +266,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.engine_option = dict(args.engine_option)
+    if "kv_slots" not in args.engine_option:
+        # Room for every warm-up and timed sequence at once, so no run pays for prefix-cache eviction (finished
+        # sequences stay cached); eviction has its own cost, worth measuring on its own, not folded in here.
+        needed = 2 * sum(b * (args.prompt_len + args.new_tokens) for b in args.batch)
+        args.engine_option["kv_slots"] = max(MIN_KV_SLOTS, 1 << (needed - 1).bit_length())
     args.sglang_option = dict(args.sglang_option)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = sorted(set(args.engines) - {"builtin", "transformers"})
@@ -288,7 +306,8 @@ def _run(args: argparse.Namespace) -> int:
     bandwidth = args.bandwidth * 1e12 if args.bandwidth else copy_bandwidth(args.device)
     print(f"device: {device_name(args.device)}; weights {weight_bytes / 1e9:.2f} GB; "
           f"copy bandwidth {bandwidth / 1e12:.3f} TB/s; batches {args.batch}, {args.prompt_len} prompt + "
-          f"{args.new_tokens} new tokens, temperature {args.temperature}, {args.dtype}", flush=True)
+          f"{args.new_tokens} new tokens, temperature {args.temperature}, {args.dtype}; "
+          f"built-in engine options {args.engine_option}", flush=True)
 
     _free_device_memory()
     jobs: list[tuple[str, Callable[[], list[Measurement]]]] = []
@@ -303,6 +322,20 @@ def _run(args: argparse.Namespace) -> int:
 
     measurements: list[Measurement] = []
     failures: dict[str, str] = {}
+
+    def save() -> None:
+        """Rewritten after every job, so a run cut short by a time limit still leaves what it measured."""
+        if args.json:
+            atomic_write_text(args.json, json.dumps({
+                "device": device_name(args.device), "model": str(args.model), "weight_bytes": weight_bytes,
+                "copy_bandwidth_Bps": bandwidth, "settings": {k: getattr(args, k) for k in (
+                    "batch", "prompt_len", "new_tokens", "dtype", "temperature", "seed", "hf_experts", "engine_option",
+                    "sglang_option")},
+                "roofline_tok_s": {str(b): decode_roofline_tok_s(b, weight_bytes, bandwidth) for b in args.batch},
+                "measurements": [asdict(m) for m in measurements], "ratios": ratios(measurements, args.batch),
+                "failures": failures, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }, indent=2))
+
     for name, job in jobs:
         t0 = time.perf_counter()
         try:  # one engine failing must not cost the others' numbers
@@ -310,6 +343,7 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
             failures[name] = f"{type(exc).__name__}: {exc}"
             print(f"[{name}] FAILED after {time.perf_counter() - t0:.0f}s: {failures[name]}", flush=True)
+            save()
             continue
         finally:  # the job's engine is unreachable now: hand its memory back before the next one loads
             _free_device_memory()
@@ -319,25 +353,15 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{name}] batch {m.batch}: {m.tokens} tokens in {m.seconds:.2f}s = {m.tok_s:,.0f} tok/s "
                   f"({100 * m.roofline_share:.1f}% of roofline) {m.note}", flush=True)
         measurements += got
+        save()
 
     print("\ntok/s = generated tokens / wall time of the whole generate call (prefill included); "
           "roofline = batch x copy bandwidth / weight bytes")
     print(render_table(measurements, args.batch))
-    quotients = ratios(measurements, args.batch)
-    for name, by_batch in quotients.items():
+    for name, by_batch in ratios(measurements, args.batch).items():
         print(f"{name}: " + ", ".join(f"b={b}: {v:.2f}" for b, v in by_batch.items()))
     for name, error in failures.items():
         print(f"FAILED {name}: {error}")
-    if args.json:
-        atomic_write_text(args.json, json.dumps({
-            "device": device_name(args.device), "model": str(args.model), "weight_bytes": weight_bytes,
-            "copy_bandwidth_Bps": bandwidth, "settings": {k: getattr(args, k) for k in (
-                "batch", "prompt_len", "new_tokens", "dtype", "temperature", "seed", "hf_experts", "engine_option",
-                "sglang_option")},
-            "roofline_tok_s": {str(b): decode_roofline_tok_s(b, weight_bytes, bandwidth) for b in args.batch},
-            "measurements": [asdict(m) for m in measurements], "ratios": quotients, "failures": failures,
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }, indent=2))
     return 1 if failures else 0
 
 

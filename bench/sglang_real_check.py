@@ -1,7 +1,8 @@
 """Check the SGLang backend against a live ``/generate`` server and print a JSON summary.
 
 Check mode (default), given ``--url`` of a server started with
-``--enable-return-routed-experts`` on the checkpoint ``--model``:
+``--enable-return-routed-experts`` on the checkpoint ``--model`` (without
+``--url``: an in-process ``sglang.Engine`` on ``--model``, options from ``--sglang-arg``):
 
 * greedy and sampled requests: every reply must decode into routes of the
   right shape (``seq_len - 1`` rows, only MoE layers);
@@ -35,13 +36,18 @@ from rollout.atomic import atomic_write_text
 from rollout.moe_spec import MoESpec
 from rollout.routed_experts import RoutedExperts
 from rollout.sglang.backend import SGLangBackend
+from rollout.sglang.http_client import HTTPClient
 from rollout.sglang.multiturn import continuation_request, merge_turn
 from rollout.types import Rollout, SamplingParams
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    summary = http_bench(args) if args.http_bench else check(args)
+    try:
+        summary = http_bench(args) if args.http_bench else check(args)
+    except ValueError as exc:  # bad options, an unreachable shape, a reply that does not decode
+        print(f"sglang_real_check: error: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(summary, indent=2)
     print(text)
     if args.out:
@@ -51,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True, help="http://host:port of the SGLang (or r3 serve) server")
+    p.add_argument("--url", default=None, help="http://host:port of the SGLang (or r3 serve) server")
+    p.add_argument(
+        "--sglang-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="in-process sglang.Engine option, e.g. attention_backend=triton (VALUE parsed as JSON when it can be)",
+    )
     p.add_argument("--model", required=True, help="the server's checkpoint directory (config + weights)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--prompts", type=int, default=4, help="prompts per check")
@@ -64,16 +74,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=64, help="--http-bench: number of requests")
     p.add_argument("--concurrency", type=int, default=16, help="--http-bench: requests in flight")
     p.add_argument("--prompt-len", type=int, default=128, help="--http-bench: prompt tokens")
+    p.add_argument("--rounds", type=int, default=3, help="--http-bench: alternating on/off rounds (median reported)")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     return p
+
+
+def _backend(args: argparse.Namespace, **kwargs: Any) -> SGLangBackend:
+    if args.url is not None:
+        if args.sglang_arg:
+            raise ValueError("--sglang-arg only applies to the in-process engine (no --url)")
+        return SGLangBackend(url=args.url, model_path=args.model, api_key=args.api_key, **kwargs)
+    options = {}
+    for item in args.sglang_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--sglang-arg must be KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return SGLangBackend(model_path=args.model, **kwargs, **options)
+
+
+def _server_version(args: argparse.Namespace) -> str | None:
+    """SGLang reports its version on ``/get_server_info``; r3 serve has no such endpoint."""
+    if args.url is None:
+        return None
+    try:
+        info = HTTPClient(args.url, api_key=args.api_key, max_retries=0).get_json("/get_server_info")
+    except (ValueError, RuntimeError, OSError):
+        return None
+    return info.get("version") if isinstance(info, dict) else None
 
 
 def _random_prompts(n: int, vocab: int, rng: np.random.Generator, low: int = 8, high: int = 64) -> list[list[int]]:
     return [rng.integers(0, vocab, size=int(rng.integers(low, high))).tolist() for _ in range(n)]
 
 
-def _rows_equal(a: RoutedExperts, b: RoutedExperts) -> float:
-    """Fraction of (token, layer) rows with the same expert *set* (order within top-k is not meaningful)."""
+def _rows_equal(a: RoutedExperts, b: RoutedExperts) -> float | None:
+    """Fraction of (token, layer) rows with the same expert *set* (order within top-k is not meaningful).
+
+    None when the two cover different positions (e.g. the sequences ended at different lengths).
+    """
+    if (a.start, a.ids.shape) != (b.start, b.ids.shape):
+        return None
     if a.num_tokens == 0:
         return 1.0
     return float((np.sort(a.ids, -1) == np.sort(b.ids, -1)).all(-1).mean())
@@ -96,8 +140,13 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     prompts = _random_prompts(args.prompts, vocab, rng)
     greedy = SamplingParams(args.max_new_tokens, temperature=0)
-    summary: dict[str, Any] = {"url": args.url, "model": str(args.model), "spec": spec.__dict__ | {"moe_layers": list(spec.moe_layers)}}
-    with SGLangBackend(url=args.url, model_path=args.model, api_key=args.api_key) as backend:
+    summary: dict[str, Any] = {
+        "url": args.url or "in-process sglang.Engine",
+        "server_version": _server_version(args),
+        "model": str(args.model),
+        "spec": spec.__dict__ | {"moe_layers": list(spec.moe_layers)},
+    }
+    with _backend(args) as backend:
         t0 = time.perf_counter()
         greedy_out = backend.generate(prompts, greedy)
         sampled = [
@@ -119,6 +168,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
             "turn_rows": turn.routed_experts.num_tokens,
             "rows_expected": len(prompt2) + len(turn.output_ids) - 1 - start,
             "turn_equals_whole_tail": turn.routed_experts == whole.routed_experts.slice(start),
+            "turn_vs_whole_tail_row_agreement": _rows_equal(turn.routed_experts, whole.routed_experts.slice(start)),
             "same_tokens_as_whole": turn.output_ids == whole.output_ids,
             "concat_vs_whole_row_agreement": _rows_equal(merged.routed_experts, whole.routed_experts),
             "concat_equals_whole": merged.routed_experts == whole.routed_experts,
@@ -157,7 +207,10 @@ def _compare_with_builtin(args: argparse.Namespace, prompts: list[list[int]], se
         next((i for i, (x, y) in enumerate(zip(a.output_ids, b.output_ids)) if x != y), len(a.output_ids))
         for a, b in zip(mine, served)
     ]
-    agreement = [_rows_equal(f.routed_experts.slice(0, s.routed_experts.end), s.routed_experts) for f, s in zip(forced, served)]
+    agreement = [
+        _rows_equal(f.routed_experts.slice(s.routed_experts.start, s.routed_experts.end), s.routed_experts)
+        for f, s in zip(forced, served)
+    ]
     lp = [
         float(np.mean(np.abs(np.array(a.output_logprobs) - np.array(b.output_logprobs))))
         for a, b, same in zip(mine, served, same_seq) if same
@@ -171,25 +224,31 @@ def _compare_with_builtin(args: argparse.Namespace, prompts: list[list[int]], se
 
 
 def http_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Routes requested vs not, alternating for ``--rounds`` rounds so drift hits both; medians reported."""
     vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(0, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
     sampling = SamplingParams(args.max_new_tokens, temperature=1.0)
-    results: dict[str, Any] = {"requests": args.requests, "concurrency": args.concurrency,
-                               "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens}
-    for routes_on in (True, False):
-        with SGLangBackend(url=args.url, model_path=args.model, api_key=args.api_key,
-                           return_routed_experts=routes_on, concurrency=args.concurrency) as backend:
-            backend.generate(prompts[: args.concurrency], sampling)  # warm-up: connections, compilation
-            t0 = time.perf_counter()
-            out = backend.generate(prompts, sampling)
-            wall = time.perf_counter() - t0
-        tokens = sum(len(r.output_ids) for r in out)
-        results["routes_on" if routes_on else "routes_off"] = {
-            "seconds": round(wall, 3),
-            "output_tokens": tokens,
-            "output_tok_per_s": round(tokens / wall, 1),
-            "requests_per_s": round(len(out) / wall, 2),
+    rates: dict[str, list[float]] = {"routes_on": [], "routes_off": []}
+    tokens: dict[str, int] = {}
+    for _ in range(args.rounds):
+        for mode in rates:
+            with _backend(args, return_routed_experts=mode == "routes_on", concurrency=args.concurrency) as backend:
+                backend.generate(prompts[: args.concurrency], sampling)  # warm-up: connections, compilation
+                t0 = time.perf_counter()
+                out = backend.generate(prompts, sampling)
+                wall = time.perf_counter() - t0
+            tokens[mode] = sum(len(r.output_ids) for r in out)
+            rates[mode].append(round(tokens[mode] / wall, 1))
+    results: dict[str, Any] = {
+        "requests": args.requests, "concurrency": args.concurrency, "prompt_len": args.prompt_len,
+        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+    }
+    for mode, per_round in rates.items():
+        results[mode] = {
+            "output_tokens": tokens[mode],
+            "output_tok_per_s": float(np.median(per_round)),
+            "per_round_tok_per_s": per_round,
         }
     results["routes_overhead"] = round(
         results["routes_off"]["output_tok_per_s"] / results["routes_on"]["output_tok_per_s"] - 1, 4

@@ -1,9 +1,9 @@
 """The recipe schema: what ``r3 run`` reads from YAML, validated before anything runs.
 
-The schema is the dataclasses below; each field's ``doc`` is the one place a
-key is described (``docs/recipes.md`` is checked against them by a test). A
-recipe is a YAML mapping of the same shape; every key is optional except
-``model.name``. A problem is one ``ValueError`` line naming the key, e.g.
+The schema is the dataclasses below (types, defaults, constraints); what each
+key means is written once, in ``docs/recipes.md``, whose table a test checks
+against this schema. A recipe is a YAML mapping of the same shape; every key is
+optional except ``model.name``. A problem is one ``ValueError`` line naming the key, e.g.
 ``rollout.sampling.temperature: expected a number, got 'hot'``.
 """
 
@@ -23,15 +23,16 @@ import yaml
 REPLAY_MODES = ("off", "r2", "r3")
 GUARD_MODES = ("off", "warn", "raise")
 INIT_MODES = ("preset", "unit-scale")
+ENGINES = ("builtin",)  # engine="sglang" needs a server URL: not runnable from a recipe yet
 PROMPT_SOURCES = ("synthetic", "jsonl")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = r"cpu|cuda(:[0-9]+)?"
 
 
-def _key(doc: str, default: Any = dataclasses.MISSING, *, choices: tuple = (), minimum: float | None = None,
+def _key(default: Any = dataclasses.MISSING, *, choices: tuple = (), minimum: float | None = None,
          pattern: str | None = None, factory: Any = None) -> Any:
-    """A recipe key: its documentation and its constraints live in one place."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "pattern": pattern}
+    """A recipe key's default and constraints; what it means is documented in docs/recipes.md only."""
+    meta = {"choices": choices, "minimum": minimum, "pattern": pattern}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -39,83 +40,91 @@ def _key(doc: str, default: Any = dataclasses.MISSING, *, choices: tuple = (), m
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _key("A preset name (see `r3 init-model --help`) or an HF checkpoint directory.")
-    seed: int = _key("Seed of a preset's random initialisation.", 0, minimum=0)
-    init: str = _key(
-        "Presets only. `preset`: the preset's own init (std 0.02; outputs barely depend on routing); "
-        "`unit-scale`: std 1/sqrt(fan_in), so outputs depend on routing (see recipes/demo_model.py).",
-        "preset", choices=INIT_MODES)
-    dir: str = _key("Where preset models are made and cached (relative paths are relative to the working "
-                    "directory).", "models")
+    name: str = _key()
+    seed: int = _key(0, minimum=0)
+    init: str = _key("preset", choices=INIT_MODES)
+    dir: str = _key("models")
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    source: str = _key("`synthetic`: prompts drawn from the demo task; `jsonl`: one `{\"input_ids\": [...]}` "
-                       "per line of `path`.", "synthetic", choices=PROMPT_SOURCES)
-    path: str | None = _key("The JSONL file when `source` is `jsonl`.", None)
-    length: int = _key("Synthetic prompt length in tokens.", 16, minimum=1)
-    seed: int = _key("Seed of the synthetic prompts.", 0, minimum=0)
+    source: str = _key("synthetic", choices=PROMPT_SOURCES)
+    path: str | None = _key(None)
+    length: int = _key(16, minimum=1)
+    seed: int = _key(0, minimum=0)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    max_new_tokens: int = _key("Tokens generated per prompt (fewer if a stop token comes).", 32, minimum=1)
-    temperature: float = _key("Sampling temperature; 0 is greedy.", 1.0, minimum=0)
-    top_p: float = _key("Nucleus sampling threshold in (0, 1].", 1.0, minimum=0)
-    top_k: int = _key("Keep the k most likely tokens; -1 disables.", -1, minimum=-1)
-    seed: int | None = _key("Base sampling seed; prompt i uses seed + i. null: unseeded.", 0, minimum=0)
-    stop_token_ids: list[int] = _key("Token ids that end a sequence.", factory=list)
+    max_new_tokens: int = _key(32, minimum=1)
+    temperature: float = _key(1.0, minimum=0)
+    top_p: float = _key(1.0, minimum=0)
+    top_k: int = _key(-1, minimum=-1)
+    seed: int | None = _key(0, minimum=0)
+    stop_token_ids: list[int] = _key(factory=list)
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    engine: str = _key("Rollout engine. Only `builtin` (the embedded engine) runs from a recipe so far.", "builtin",
-                       choices=("builtin",))
-    device: str = _key("Device of the built-in engine: `cpu`, `cuda` or `cuda:N`.", "cpu", pattern=DEVICE_PATTERN)
-    dtype: str = _key("Weights and activations dtype of the engine.", "bfloat16", choices=DTYPES)
-    overlap: bool = _key("Overlap scheduling: prepare step N+1 on the host while step N runs.", True)
-    max_running_requests: int = _key("Most requests decoding at once (continuous batching).", 64, minimum=1)
-    max_batch_tokens: int = _key("Most tokens in one forward step (prefill chunks included).", 2048, minimum=1)
-    kv_slots: int = _key("KV-cache pool size in tokens; requests are preempted when it runs out.", 16384, minimum=1)
-    num_prompts: int = _key("How many prompts to roll out.", 32, minimum=1)
-    prompts: PromptConfig = _key("Where prompts come from.", factory=PromptConfig)
-    sampling: SamplingConfig = _key("Sampling parameters.", factory=SamplingConfig)
+    engine: str = _key("builtin", choices=ENGINES)
+    device: str = _key("cpu", pattern=DEVICE_PATTERN)
+    dtype: str = _key("bfloat16", choices=DTYPES)
+    overlap: bool = _key(True)
+    max_running_requests: int = _key(64, minimum=1)
+    max_batch_tokens: int = _key(2048, minimum=1)
+    kv_slots: int = _key(16384, minimum=1)
+    num_prompts: int = _key(32, minimum=1)
+    prompts: PromptConfig = _key(factory=PromptConfig)
+    sampling: SamplingConfig = _key(factory=SamplingConfig)
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    device: str = _key("Device of the trainer forward: `cpu`, `cuda` or `cuda:N`.", "cpu", pattern=DEVICE_PATTERN)
-    dtype: str = _key("Trainer dtype (a different dtype from the rollout's is the usual source of "
-                      "mismatch).", "float32", choices=DTYPES)
-    micro_batch_size: int = _key("Sequences per trainer forward.", 8, minimum=1)
-    replay: str = _key("`r3`: replay the rollout's routes; `r2`: replay the trainer's own routes recorded in "
-                       "a first forward; `off`: native routing only.", "r3", choices=REPLAY_MODES)
-    guard: str = _key("Misalignment guard during replay: `warn`, `raise` or `off`.", "warn", choices=GUARD_MODES)
+    device: str = _key("cpu", pattern=DEVICE_PATTERN)
+    dtype: str = _key("float32", choices=DTYPES)
+    micro_batch_size: int = _key(8, minimum=1)
+    replay: str = _key("r3", choices=REPLAY_MODES)
+    guard: str = _key("warn", choices=GUARD_MODES)
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    dir: str = _key("Run directory, replaced atomically: rollouts.safetensors, report.json, report.md, "
-                    "report.png.", "runs/r3")
+    dir: str = _key("runs/r3")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    model: ModelConfig = _key("The model rolled out and trained.")
-    rollout: RolloutConfig = _key("The rollout engine and what it generates.", factory=RolloutConfig)
-    trainer: TrainerConfig = _key("The trainer forward that recomputes logprobs.", factory=TrainerConfig)
-    output: OutputConfig = _key("Where results go.", factory=OutputConfig)
+    model: ModelConfig = _key()
+    rollout: RolloutConfig = _key(factory=RolloutConfig)
+    trainer: TrainerConfig = _key(factory=TrainerConfig)
+    output: OutputConfig = _key(factory=OutputConfig)
 
 
 # ------------------------------------------------------------------- parsing
+class _Yaml12Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 booleans: only true/false. YAML 1.1 reads `replay: off` as False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def load_recipe(path: str | os.PathLike, overrides: typing.Sequence[str] = (), out: str | None = None) -> Recipe:
     """Read, override (``key=value``, value in YAML syntax) and validate a recipe file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"recipe {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"recipe {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
@@ -139,7 +148,7 @@ def apply_override(raw: dict, item: str) -> None:
         raise ValueError(f"--set {item!r}: expected key=value")
     parts = key.strip().split(".")
     try:
-        value = yaml.safe_load(text)
+        value = _yaml(text)
     except yaml.YAMLError:
         value = text
     node = raw
@@ -257,8 +266,8 @@ def _show(value: Any) -> str:
 
 
 # -------------------------------------------------------------- documentation
-def iter_keys(cls: type = Recipe, where: str = "") -> Iterator[tuple[str, Any, Any, str]]:
-    """``(dotted key, type, default, doc)`` for every leaf key, in schema order: the docs' table."""
+def iter_keys(cls: type = Recipe, where: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(dotted key, type, default)`` for every leaf key, in schema order (``MISSING``: required)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = _join(where, f.name)
@@ -271,7 +280,7 @@ def iter_keys(cls: type = Recipe, where: str = "") -> Iterator[tuple[str, Any, A
             default = f.default_factory()
         else:
             default = dataclasses.MISSING
-        yield key, hints[f.name], default, f.metadata["doc"]
+        yield key, hints[f.name], default
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

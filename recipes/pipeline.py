@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,7 +39,7 @@ def resolve_model(recipe: Recipe) -> Path:
         return ensure_demo_model(model.dir, model.name, model.seed)
     path = Path(model.dir) / f"{model.name}-seed{model.seed}"
     if not (path / "config.json").is_file():
-        init_model(model.name, path, seed=model.seed)
+        init_model(model.name, path, seed=model.seed, device=recipe.rollout.device)  # bench sizes: draw on the GPU
     return path
 
 
@@ -116,14 +115,6 @@ def generate(
 
 
 # ------------------------------------------------------------------ trainer
-@dataclass
-class TrainerPass:
-    """Per micro-batch results of the trainer forwards, flattened over response tokens / route rows."""
-
-    logp: list[np.ndarray]  # response-token logprobs, masked entries dropped
-    routes: list[np.ndarray]  # [rows, L, K] ids that reached the experts, for rows with a rollout route
-
-
 def _expert_inputs(model: Any, num_moe_layers: int) -> tuple[list[Any], Callable[[], list[Any]]]:
     """Observe the top-k ids each MoE block hands its experts module, independently of trainer_bridge.
 

@@ -117,7 +117,7 @@ def markdown(report: dict[str, Any]) -> str:
         table(report),
         "```",
         "",
-        "*Routing agreement*: share of (token, MoE layer) rows where the experts reaching the trainer's "
+        "*Routing agreement*: share of (token, MoE layer) rows where the ids reaching the trainer's "
         "experts are the rollout's top-k set; rows without a rollout route (each sequence's final token) "
         "are left out. *|dlogp|*: |rollout logprob - trainer logprob| per generated token. *k3 KL*: mean of "
         "exp(r) - 1 - r with r = logp_rollout - logp_trainer.",
@@ -139,11 +139,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot_png(native: Condition, replay: Condition | None) -> bytes:
-    """Two panels: per-layer routing agreement, and the |dlogp| distribution; one colour per condition."""
-    import matplotlib
+    buf = io.BytesIO()
+    plot_figure(native, replay).savefig(buf, format="png")
+    return buf.getvalue()
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+
+def plot_figure(native: Condition, replay: Condition | None) -> Any:
+    """Two panels: per-layer routing agreement, and the |dlogp| distribution; one colour per condition."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     conditions = [c for c in (native, replay) if c is not None]
     fig = Figure(figsize=(11, 4.2), dpi=110)
@@ -175,6 +178,4 @@ def plot_png(native: Condition, replay: Condition | None) -> bytes:
     ax_hist.set_title("|dlogp| distribution")
     ax_hist.legend(loc="upper right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig

@@ -17,8 +17,9 @@ Replacing its result with ``(scores.gather(ids), ids)`` makes each model apply
 its own normalisation, bias handling and scaling to the replayed ids, and
 keeps the gradient path from the gate weights back to the router weight.
 Interception is a ``TorchFunctionMode`` active only while a block's forward
-runs, so it also sees ``Tensor.topk`` calls and needs no per-model rewrite and
-no knowledge of the transformers version: it depends on behaviour (one
+runs (and suspended while its ``experts`` child runs, whose per-expert ops
+would otherwise each pay a Python call), so it also sees ``Tensor.topk`` calls
+and needs no per-model rewrite and no knowledge of the transformers version: it depends on behaviour (one
 top-k of ``top_k`` over ``num_experts`` scores per block call), which is what
 the checks here verify. Group-limited top-k calls (DeepSeek's ``topk(2)`` per
 group and ``topk(topk_group)`` over groups) act on other shapes and pass through.
@@ -161,26 +162,49 @@ def intercept_selection(blocks: Sequence[MoEBlock], spec: MoESpec, select: Selec
     patched: list[nn.Module] = []
     try:
         for block in blocks:
-            if "forward" in vars(block.module):
-                raise ValueError(f"{block.name} is already under replay or record; nest neither")
-            block.module.forward = _wrap_forward(block, spec, select, block.module.forward)
+            for module in (block.module, block.module.experts):
+                if "forward" in vars(module):
+                    raise ValueError(f"{block.name} is already under replay or record; nest neither")
+            active: list[_SelectionMode] = []  # the mode of the block forward now running, if any
+            block.module.forward = _wrap_block(block, spec, select, block.module.forward, active)
             patched.append(block.module)
+            block.module.experts.forward = _wrap_experts(block.module.experts.forward, active)
+            patched.append(block.module.experts)
         yield
     finally:
         for module in patched:
             del module.forward
 
 
-def _wrap_forward(block: MoEBlock, spec: MoESpec, select: SelectFn, original: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_block(
+    block: MoEBlock, spec: MoESpec, select: SelectFn, original: Callable[..., Any], active: list[_SelectionMode]
+) -> Callable[..., Any]:
     def forward(*args: Any, **kwargs: Any) -> Any:
         mode = _SelectionMode(block, spec, select)
-        with mode:
-            out = original(*args, **kwargs)
+        active.append(mode)
+        try:
+            with mode:
+                out = original(*args, **kwargs)
+        finally:
+            active.pop()
         if mode.selections == 0:
             raise ValueError(
                 f"{block.name} ({type(block.module).__name__}) made no top-{spec.top_k} selection over "
                 f"{spec.num_experts} expert scores that could be intercepted; this MoE implementation is not supported"
             )
         return out
+
+    return forward
+
+
+def _wrap_experts(original: Callable[..., Any], active: list[_SelectionMode]) -> Callable[..., Any]:
+    """Run the experts outside the selection mode: their per-expert ops (hundreds) need no interception."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        depth = torch._C._len_torch_function_stack()
+        if active and depth and torch._C._get_function_stack_at(depth - 1) is active[-1]:
+            with torch.overrides._pop_mode_temporarily():
+                return original(*args, **kwargs)
+        return original(*args, **kwargs)
 
     return forward

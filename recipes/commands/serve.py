@@ -1,4 +1,4 @@
-"""``r3 serve --model DIR [--host 127.0.0.1] [--port N] [--api-key KEY] [--device cpu] [--dtype float32] [--no-capture]``.
+"""``r3 serve --model DIR [--host H] [--port N] [--api-key KEY] [--device D] [--dtype T] [--no-capture]``.
 
 Puts the built-in engine behind SGLang's ``/generate`` protocol. Binds to
 loopback unless ``--host`` says otherwise; ``--port 0`` picks a free port. The

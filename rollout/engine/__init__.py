@@ -3,5 +3,6 @@ scheduling, and routed-experts capture that survives prefix reuse and preemption
 
 Read in this order: ``config`` (knobs), ``kvcache`` (slots, prefix cache),
 ``capture`` (routes), ``sampler``, ``scheduler`` (what runs next), ``batch``
-(host plan -> device tensors), ``models`` (the forward), ``engine`` (the loop).
+(host plan -> device tensors), ``models`` (the forward), ``engine`` (the loop),
+``cuda_graph`` (decode replay on CUDA). ``kernels`` holds the Triton kernels.
 """

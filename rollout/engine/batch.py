@@ -38,16 +38,18 @@ class DeviceBatch:
     input_ids: torch.Tensor  # [N], negative = placeholder for a token still in flight
     positions: torch.Tensor
     out_cache_loc: torch.Tensor
-    table_rows: torch.Tensor
-    table_cols: torch.Tensor
-    table_slots: torch.Tensor
     meta: AttentionMetadata
-    sample_index: torch.Tensor  # [S] flat index of each sampling chunk's last token
-    sample_rows: torch.Tensor  # [S] request-table rows (index of the future-token buffer)
-    sampling: SamplingTensors | None
 
 
-def build(batch: Batch, req_to_slot: torch.Tensor, device: torch.device, vocab_size: int) -> DeviceBatch:
+@dataclass
+class DeviceSampling:
+    index: torch.Tensor  # [S] flat token index of each sampling chunk's last token
+    rows: torch.Tensor  # [S] request-table rows (index of the future-token buffer)
+    params: SamplingTensors
+
+
+def build(batch: Batch, req_to_slot: torch.Tensor, device: torch.device) -> DeviceBatch:
+    """Forward inputs and attention metadata; also writes this step's request-table entries."""
     ext = np.asarray(batch.extend_lens, dtype=np.int64)
     n, b, max_q = int(ext.sum()), len(ext), int(ext.max())
     starts = np.concatenate([[0], np.cumsum(ext)[:-1]])
@@ -58,26 +60,13 @@ def build(batch: Batch, req_to_slot: torch.Tensor, device: torch.device, vocab_s
     unpad_index = (np.arange(b)[:, None] * max_q + q_slot)[valid]
     kv_lens = batch.positions[starts + ext - 1] + 1
     max_kv = int(kv_lens.max())
-
-    sampled = np.asarray(batch.samples, dtype=bool)
-    sample_index = (starts + ext - 1)[sampled]
-    sample_reqs = [r for r, s in zip(batch.requests, batch.samples) if s]
-    seeds = np.asarray([r.seed for r in sample_reqs], dtype=np.int64)
-    sample_pos = batch.positions[sample_index] + 1
-    top_k = np.asarray([r.sampling.top_k if r.sampling.top_k > 0 else vocab_size for r in sample_reqs], dtype=np.int64)
-
     ints = [
         batch.input_ids, batch.positions, batch.out_cache_loc, batch.table_rows, batch.table_cols,
-        batch.table_slots, pad_index, q_pos, unpad_index, batch.rows, kv_lens, sample_index,
-        batch.rows[sampled], seeds, sample_pos, top_k,
+        batch.table_slots, pad_index, q_pos, unpad_index, batch.rows, kv_lens,
     ]
-    (input_ids, positions, loc, t_rows, t_cols, t_slots, pad_t, q_pos_t, unpad_t, rows_t, kv_lens_t,
-     sample_index_t, sample_rows_t, seeds_t, sample_pos_t, top_k_t) = to_device(ints, np.int64, device)
-    temps = [float(r.sampling.temperature) for r in sample_reqs]
-    # top_p = 1 must keep every token: a cumulative sum can round past 1 before the tail
-    top_ps = [float(r.sampling.top_p) if r.sampling.top_p < 1 else 2.0 for r in sample_reqs]
-    temp_t, top_p_t = to_device([np.asarray(temps), np.asarray(top_ps)], np.float32, device)
-
+    input_ids, positions, loc, t_rows, t_cols, t_slots, pad_t, q_pos_t, unpad_t, rows_t, kv_lens_t = to_device(
+        ints, np.int64, device
+    )
     # the request table must hold this step's slots before attention gathers through it
     req_to_slot[t_rows, t_cols] = t_slots
     kv_slots = req_to_slot[rows_t, :max_kv]
@@ -86,14 +75,29 @@ def build(batch: Batch, req_to_slot: torch.Tensor, device: torch.device, vocab_s
         kv_slots=kv_slots, mask=mask[:, None], pad_index=pad_t, unpad_index=unpad_t, seq_rows=rows_t, kv_lens=kv_lens_t,
         req_to_slot=req_to_slot, decode=max_q == 1,
     )
-    sampling = None
-    if sample_reqs:
-        sampling = SamplingTensors(
-            temperature=temp_t, top_p=top_p_t, top_k=top_k_t, seeds=seeds_t, positions=sample_pos_t,
-            needs_truncation=any(r.sampling.top_k > 0 or r.sampling.top_p < 1 for r in sample_reqs if not r.sampling.greedy),
-            all_greedy=all(r.sampling.greedy for r in sample_reqs),
-        )
-    return DeviceBatch(
-        input_ids=input_ids, positions=positions, out_cache_loc=loc, table_rows=t_rows, table_cols=t_cols,
-        table_slots=t_slots, meta=meta, sample_index=sample_index_t, sample_rows=sample_rows_t, sampling=sampling,
+    return DeviceBatch(input_ids=input_ids, positions=positions, out_cache_loc=loc, meta=meta)
+
+
+def build_sampling(batch: Batch, device: torch.device, vocab_size: int) -> DeviceSampling | None:
+    """Per-row sampling parameters of the chunks that sample; None if none does."""
+    sampled = np.asarray(batch.samples, dtype=bool)
+    if not sampled.any():
+        return None
+    ext = np.asarray(batch.extend_lens, dtype=np.int64)
+    index = (np.cumsum(ext) - 1)[sampled]
+    reqs = [r for r, s in zip(batch.requests, batch.samples) if s]
+    seeds = [r.seed for r in reqs]
+    top_k = [r.sampling.top_k if r.sampling.top_k > 0 else vocab_size for r in reqs]
+    index_t, rows_t, seeds_t, pos_t, top_k_t = to_device(
+        [index, batch.rows[sampled], seeds, batch.positions[index] + 1, top_k], np.int64, device
     )
+    temps = [float(r.sampling.temperature) for r in reqs]
+    # top_p = 1 must keep every token: a cumulative sum can round past 1 before the tail
+    top_ps = [float(r.sampling.top_p) if r.sampling.top_p < 1 else 2.0 for r in reqs]
+    temp_t, top_p_t = to_device([temps, top_ps], np.float32, device)
+    params = SamplingTensors(
+        temperature=temp_t, top_p=top_p_t, top_k=top_k_t, seeds=seeds_t, positions=pos_t,
+        needs_truncation=any(r.sampling.top_k > 0 or r.sampling.top_p < 1 for r in reqs if not r.sampling.greedy),
+        all_greedy=all(r.sampling.greedy for r in reqs),
+    )
+    return DeviceSampling(index=index_t, rows=rows_t, params=params)

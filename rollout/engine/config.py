@@ -29,6 +29,7 @@ class EngineConfig:
     max_context: int | None = None
     enable_prefix_cache: bool = True
     attention_backend: str = "torch"
+    cuda_graph: bool = False  # replay decode steps from CUDA graphs (CUDA + bfloat16 + triton attention)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -41,7 +42,7 @@ class EngineConfig:
             isinstance(self.max_context, bool) or not isinstance(self.max_context, int) or self.max_context < 2
         ):
             raise ValueError(f"max_context must be an integer >= 2 or None, got {self.max_context!r}")
-        for name in ("overlap", "return_routed_experts", "enable_prefix_cache"):
+        for name in ("overlap", "return_routed_experts", "enable_prefix_cache", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -54,6 +55,9 @@ class EngineConfig:
             raise ValueError(f"bad device {self.device!r}: {exc}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        if self.cuda_graph and (device.type != "cuda" or self.dtype != "bfloat16" or self.attention_backend != "triton"):
+            # fp32 experts and torch attention sync with the host or change shape every step: not capturable
+            raise ValueError("cuda_graph=True needs device='cuda', dtype='bfloat16' and attention_backend='triton'")
         if self.attention_backend == "triton":
             import importlib.util
             import os

@@ -24,6 +24,7 @@ import torch
 from rollout.engine import batch as batch_mod
 from rollout.engine.capture import RouteCapture, RoutedExpertsOutput
 from rollout.engine.config import EngineConfig
+from rollout.engine.cuda_graph import DecodeGraphs
 from rollout.engine.kvcache import KVPool, PrefixCache, RequestTable, SlotAllocator
 from rollout.engine.models import arch_from_config
 from rollout.engine.models.layers import triton_decode_attention
@@ -73,12 +74,22 @@ class Engine:
         prefix_cache = PrefixCache() if self.config.enable_prefix_cache else None
         self.scheduler = Scheduler(self.slots, self.table, prefix_cache, self.config.max_batch_tokens, self._snapshot_routes)
         # next-token ids by request-table row: step N writes them, step N+1 reads them, all on the device
-        self.future_tokens = torch.zeros(self.config.max_running_requests, dtype=torch.int64, device=self.device)
+        self.future_tokens = torch.zeros(self.config.max_running_requests + 1, dtype=torch.int64, device=self.device)
+        self.graphs = (
+            DecodeGraphs(
+                self.model, self.kv, self.table.req_to_slot, self.table.pad_row, self.future_tokens,
+                self.capture.record if self.capture is not None else None,
+                min(self.config.max_running_requests, self.config.max_batch_tokens),
+            )
+            if self.config.cuda_graph
+            else None
+        )
         self._requests: dict[int, Request] = {}
         self._next_rid = 0
         self._aborting: set[int] = set()
         self._undelivered: list[tuple[int, Rollout]] = []  # finished while generate() waited for others
         self._in_flight: _Launched | None = None
+        self._closed = False
         self._seed_rng = random.Random()
 
     # ------------------------------------------------------------------ API
@@ -100,6 +111,11 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
+
+    def progress(self, rid: int) -> tuple[list[int], list[float]] | None:
+        """Output tokens and logprobs of an unfinished request so far (copies), for streaming; None once it left."""
+        r = self._requests.get(rid)
+        return None if r is None else (list(r.output_ids), list(r.output_logprobs))
 
     def abort(self, rid: int) -> None:
         """Stop ``rid``; it comes back from a later ``step()`` with finish_reason "abort"."""
@@ -155,8 +171,18 @@ class Engine:
         return [done[rid] for rid in rids]
 
     def close(self) -> None:
-        """Wait for the step in flight; unfinished requests are dropped."""
+        """Finish the step in flight and free device memory now; unfinished requests are dropped.
+
+        The scheduler's callback into the engine is a reference cycle, so without this the
+        weights and KV pool would wait for the cyclic garbage collector (two engines at once on a GPU).
+        """
+        if self._closed:
+            return
         self._drain()
+        self._closed = True
+        self._requests.clear()
+        self.graphs = self.model = self.kv = self.table = self.capture = self.scheduler = None  # type: ignore[assignment]
+        self.future_tokens = None  # type: ignore[assignment]
 
     @property
     def stats(self) -> dict[str, int]:
@@ -183,7 +209,7 @@ class Engine:
             table_rows=np.full(n, row, np.int64), table_cols=idx, table_slots=np.asarray(slots, np.int64),
         )
         try:
-            dev = batch_mod.build(plan, self.table.req_to_slot, self.device, self.model.arch.vocab_size)
+            dev = batch_mod.build(plan, self.table.req_to_slot, self.device)
             hidden = self.model.forward(dev.input_ids, dev.positions, dev.out_cache_loc, dev.meta, self.kv.k, self.kv.v, None)
             return self.model.logits(hidden).cpu()
         finally:
@@ -193,15 +219,19 @@ class Engine:
     # ------------------------------------------------------------- the step
     @torch.inference_mode()
     def _launch(self, batch: Batch) -> _Launched:
-        dev = batch_mod.build(batch, self.table.req_to_slot, self.device, self.model.arch.vocab_size)
-        ids = dev.input_ids
-        ids = torch.where(ids < 0, self.future_tokens[(-ids - 1).clamp(min=0)], ids)
-        record = self.capture.record if self.capture is not None else None
-        hidden = self.model.forward(ids, dev.positions, dev.out_cache_loc, dev.meta, self.kv.k, self.kv.v, record)
+        sampling = batch_mod.build_sampling(batch, self.device, self.model.arch.vocab_size)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            logits = self.graphs.run(batch)  # every decode row samples, in batch order
+        else:
+            dev = batch_mod.build(batch, self.table.req_to_slot, self.device)
+            ids = torch.where(dev.input_ids < 0, self.future_tokens[(-dev.input_ids - 1).clamp(min=0)], dev.input_ids)
+            record = self.capture.record if self.capture is not None else None
+            hidden = self.model.forward(ids, dev.positions, dev.out_cache_loc, dev.meta, self.kv.k, self.kv.v, record)
+            logits = self.model.logits(hidden[sampling.index]) if sampling is not None else None
         next_ids = logprobs = None
-        if dev.sampling is not None:
-            tokens, lps = sample(self.model.logits(hidden[dev.sample_index]), dev.sampling)
-            self.future_tokens[dev.sample_rows] = tokens
+        if sampling is not None:
+            tokens, lps = sample(logits, sampling.params)
+            self.future_tokens[sampling.rows] = tokens
             next_ids, logprobs = _copy_to_host(tokens), _copy_to_host(lps)
         routes = self.capture.copy_to_cpu(batch.out_cache_loc) if self.capture is not None else None
         copy_done = None
@@ -288,6 +318,8 @@ class Engine:
         return RoutedExperts(rows[r.start_len :], self.spec.num_experts, self.spec.moe_layers, r.start_len)
 
     def _check_prompt(self, prompt_ids: object) -> list[int]:
+        if self._closed:
+            raise ValueError("the engine is closed")
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt must be a non-empty list of token ids")
         vocab = self.model.arch.vocab_size

@@ -48,14 +48,16 @@ class SlotAllocator:
 
 
 class RequestTable:
-    """Rows of the device request->slot table ``[max_running_requests, max_context]``.
+    """Rows of the device request->slot table ``[max_running_requests + 1, max_context]``.
 
     Attention reads each sequence's context slots through its row, so the host never
-    ships whole slot lists to the device: a step only writes its new entries.
+    ships whole slot lists to the device: a step only writes its new entries. The last
+    row (``pad_row``) is never handed out: padded batch rows point there.
     """
 
     def __init__(self, max_requests: int, max_context: int, device: torch.device) -> None:
-        self.req_to_slot = torch.zeros(max_requests, max_context, dtype=torch.int64, device=device)
+        self.req_to_slot = torch.zeros(max_requests + 1, max_context, dtype=torch.int64, device=device)
+        self.pad_row = max_requests
         self._free_rows = list(range(max_requests - 1, -1, -1))
 
     @property

@@ -67,10 +67,25 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> tuple[torch.Tensor,
         candidates = scaled
         if params.needs_truncation:
             candidates = _truncate(scaled, logprobs_all, params.top_p, params.top_k)
-        gumbel = -torch.log(-torch.log(uniform_noise(params.seeds, params.positions, logits.shape[-1])))
-        noisy = torch.where(greedy[:, None], candidates, candidates + gumbel)
-        ids = torch.argmax(noisy, dim=-1)
+        fused = _fused_gumbel_argmax() if logits.is_cuda else None
+        if fused is not None:  # same noise, computed in registers: one pass over [B, V] instead of ~20
+            ids = fused(candidates.contiguous(), params.seeds, params.positions, greedy)
+        else:
+            gumbel = -torch.log(-torch.log(uniform_noise(params.seeds, params.positions, logits.shape[-1])))
+            noisy = torch.where(greedy[:, None], candidates, candidates + gumbel)
+            ids = torch.argmax(noisy, dim=-1)
     return ids, logprobs_all.gather(-1, ids[:, None]).squeeze(-1)
+
+
+def _fused_gumbel_argmax():
+    """The Triton kernel of this exact noise, or None where Triton is missing."""
+    from rollout.engine.kernels import triton_available
+
+    if not triton_available():
+        return None
+    from rollout.engine.kernels.gumbel_sample import gumbel_argmax
+
+    return gumbel_argmax
 
 
 def _truncate(scaled: torch.Tensor, logprobs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ learned one step late (the engine discards that extra token).
 Policy (SGLang's default): prefill first (continuing chunked prefills, then admitting
 waiting requests FIFO within ``max_batch_tokens``, free rows and free slots), else one
 decode token for every running request. When the pool runs dry the newest running
-request is preempted: its routes are snapshotted, its slots freed, and it goes back
-to the front of the queue. Preemption needs every finalize done, so with steps in
+request is preempted: its routes are snapshotted into the request, its KV goes to the
+prefix cache (evictable, so the resume may reuse what survives), and it goes back to
+the front of the queue. Preemption needs every finalize done, so with steps in
 flight the scheduler answers ``BLOCKED`` and the engine drains first.
 """
 
@@ -229,7 +230,7 @@ class Scheduler:
         """Requeue ``r`` at the front; its routes so far move into the request. Needs no step in flight."""
         assert r.inflight_steps == 0, "preemption needs the request's steps finalized"
         self._snapshot_routes(r)
-        self._release_kv(r, keep_in_cache=0)
+        self._release_kv(r, keep_in_cache=len(r.slots))  # cached, so the resume may skip recomputing it
         self.running.remove(r)
         self.waiting.appendleft(r)
         r.num_preemptions += 1
@@ -245,8 +246,9 @@ class Scheduler:
             self.waiting.remove(r)
 
     def _release_kv(self, r: Request, keep_in_cache: int) -> None:
+        """Hand ``slots[:keep_in_cache]`` (finalized KV and routes) to the prefix cache, free the rest."""
         cached = len(r.prefix_path)
-        if self.prefix_cache is not None and keep_in_cache > cached and r.finish_reason is not None:
+        if self.prefix_cache is not None and keep_in_cache > cached:
             tokens = r.token_ids()[:keep_in_cache]
             self.slots.free(self.prefix_cache.insert(tokens, r.slots[:keep_in_cache]))
             self.slots.free(r.slots[keep_in_cache:])

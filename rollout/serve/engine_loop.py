@@ -31,6 +31,7 @@ class StepEngine(Protocol):
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams, start_len: int = 0) -> int: ...
     def step(self) -> list[tuple[int, Rollout]]: ...
     def has_unfinished(self) -> bool: ...
+    def abort(self, rid: int) -> None: ...
 
 
 @dataclass
@@ -41,6 +42,11 @@ class _Submission:
     future: Future
     on_tokens: TokensCallback | None
     reported: int = 0  # output tokens already passed to on_tokens
+
+
+@dataclass
+class _Cancel:
+    future: Future
 
 
 _STOP = object()
@@ -77,6 +83,10 @@ class EngineLoop:
                 self._inbox.put(_Submission(list(prompt_ids), sampling, start_len, future, on_tokens))
         return future
 
+    def cancel(self, future: Future) -> None:
+        """Abort the request behind ``future`` (its caller gave up): the engine stops spending steps on it."""
+        self._inbox.put(_Cancel(future))
+
     def stop(self, timeout: float | None = 10.0) -> None:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
@@ -109,12 +119,20 @@ class EngineLoop:
             block = False
             if item is _STOP:
                 return False
+            if isinstance(item, _Cancel):
+                self._abort(item.future)
+                continue
             try:
                 rid = self._engine.add_request(item.prompt_ids, item.sampling, start_len=item.start_len)
             except ValueError as exc:  # bad request for this engine: that caller's error only
                 item.future.set_exception(exc)
                 continue
             self._pending[rid] = item
+
+    def _abort(self, future: Future) -> None:
+        rid = next((rid for rid, sub in self._pending.items() if sub.future is future), None)
+        if rid is not None:  # None: it already finished
+            self._engine.abort(rid)
 
     def _report_progress(self) -> None:
         progress = getattr(self._engine, "progress", None)
@@ -140,5 +158,5 @@ class EngineLoop:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if item is not _STOP:
+            if isinstance(item, _Submission):
                 item.future.set_exception(reason)

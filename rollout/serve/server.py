@@ -83,8 +83,11 @@ class R3Server:
         self.capture = capture
         self.api_key = api_key
         self.request_timeout = request_timeout
+        try:
+            self.httpd = _QuietHTTPServer((host, port), _make_handler(self))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.loop = EngineLoop(engine)
-        self.httpd = _QuietHTTPServer((host, port), _make_handler(self))
 
     @property
     def port(self) -> int:
@@ -121,6 +124,8 @@ class R3Server:
             try:
                 rollout = future.result(timeout=max(0.0, started + self.request_timeout - time.perf_counter()))
             except Exception as exc:
+                for other in futures:
+                    self.loop.cancel(other)
                 return _failure(exc, self.request_timeout)
             latency = time.perf_counter() - started
             replies.append(build_reply(item, rollout, self.spec, capture=self.capture, e2e_latency=latency))
@@ -141,15 +146,19 @@ class R3Server:
             item.prompt_ids, item.sampling, item.start_len, on_tokens=lambda ids, lps: events.put((ids, lps))
         )
         future.add_done_callback(lambda _: events.put(None))
-        while True:
-            try:
-                event = events.get(timeout=max(0.0, started + self.request_timeout - time.perf_counter()))
-            except queue.Empty:
-                yield _failure(FutureTimeout(), self.request_timeout)
-                return
-            if event is None:
-                break
-            yield HTTPStatus.OK, build_partial_reply(item, *event)
+        try:
+            while True:
+                try:
+                    event = events.get(timeout=max(0.0, started + self.request_timeout - time.perf_counter()))
+                except queue.Empty:
+                    yield _failure(FutureTimeout(), self.request_timeout)
+                    return
+                if event is None:
+                    break
+                yield HTTPStatus.OK, build_partial_reply(item, *event)
+        finally:  # timed out, or the client hung up mid-stream (the handler closes this generator)
+            if not future.done():
+                self.loop.cancel(future)
         try:
             rollout = future.result(timeout=0)
         except Exception as exc:
@@ -258,7 +267,8 @@ def _make_handler(server: R3Server) -> type[BaseHTTPRequestHandler]:
         def _read_body(self) -> bytes | None:
             if self.headers.get("Transfer-Encoding"):
                 self.close_connection = True
-                self._json(HTTPStatus.LENGTH_REQUIRED, error_body("chunked bodies are not accepted; send Content-Length"))
+                message = "chunked bodies are not accepted; send Content-Length"
+                self._json(HTTPStatus.LENGTH_REQUIRED, error_body(message))
                 return None
             length_text = self.headers.get("Content-Length")
             try:
@@ -291,8 +301,11 @@ def _make_handler(server: R3Server) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            for _, chunk in itertools.chain([(status, first)], chunks):
-                self._write_chunk(b"data: " + json.dumps(chunk).encode("utf-8") + b"\n\n")
+            try:
+                for _, chunk in itertools.chain([(status, first)], chunks):
+                    self._write_chunk(b"data: " + json.dumps(chunk).encode("utf-8") + b"\n\n")
+            finally:  # also when the client hangs up: closing the generator cancels the request
+                chunks.close()
             self._write_chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from rollout.moe_spec import MoESpec
 from rollout.sglang.http_client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, HTTPClient
-from rollout.sglang.protocol import build_request, decode_reply, sampling_to_sglang
+from rollout.sglang.protocol import build_request, decode_reply
 from rollout.types import Rollout, SamplingParams
 
 DEFAULT_CONCURRENCY = 16
@@ -64,20 +64,22 @@ class SGLangBackend:
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
-        sampling: SamplingParams,
+        sampling: SamplingParams | Sequence[SamplingParams],
         start_len: int | Sequence[int] = 0,
     ) -> list[Rollout]:
-        """One ``Rollout`` per prompt, in order. ``start_len`` (one for all, or one per prompt) trims route rows."""
+        """One ``Rollout`` per prompt, in order; ``sampling`` and ``start_len`` are one for all or one per prompt."""
         prompts = [list(p) for p in prompts]
-        starts = [int(start_len)] * len(prompts) if isinstance(start_len, int) else [int(s) for s in start_len]
-        if len(starts) != len(prompts):
-            raise ValueError(f"start_len has {len(starts)} entries for {len(prompts)} prompts")
+        n = len(prompts)
+        samplings = [sampling] * n if isinstance(sampling, SamplingParams) else list(sampling)
+        starts = [int(start_len)] * n if isinstance(start_len, int) else [int(s) for s in start_len]
+        if len(samplings) != n or len(starts) != n:
+            raise ValueError(f"got {n} prompts but {len(samplings)} sampling params and {len(starts)} start_len values")
         bodies = [
-            build_request(p, sampling, start_len=s, return_routed_experts=self.return_routed_experts)
-            for p, s in zip(prompts, starts)
+            build_request(p, s, start_len=st, return_routed_experts=self.return_routed_experts)
+            for p, s, st in zip(prompts, samplings, starts)
         ]
         if self._engine is not None:
-            replies = self._engine_generate(prompts, sampling, starts)
+            replies = self._engine_generate(bodies, starts)
         else:
             assert self._client is not None and self._pool is not None
             client = self._client
@@ -133,21 +135,23 @@ class SGLangBackend:
             "pass model_path= (a directory with the model's config.json) or moe_spec="
         )
 
-    def _engine_generate(self, prompts: list[list[int]], sampling: SamplingParams, starts: list[int]) -> list[dict]:
-        """``sglang.Engine.generate`` takes one ``routed_experts_start_len`` per call, so group prompts by it."""
-        replies: list[dict | None] = [None] * len(prompts)
+    def _engine_generate(self, bodies: list[dict[str, Any]], starts: list[int]) -> list[dict]:
+        """``sglang.Engine.generate`` takes one ``routed_experts_start_len`` per call, so group requests by it."""
+        replies: list[dict | None] = [None] * len(bodies)
         for start in sorted(set(starts)):
             idx = [i for i, s in enumerate(starts) if s == start]
             kwargs: dict[str, Any] = dict(
-                input_ids=[prompts[i] for i in idx],
-                sampling_params=[sampling_to_sglang(sampling)] * len(idx),
+                input_ids=[bodies[i]["input_ids"] for i in idx],
+                sampling_params=[bodies[i]["sampling_params"] for i in idx],
                 return_logprob=True,
             )
             if self.return_routed_experts:
                 kwargs.update(return_routed_experts=True, routed_experts_start_len=start)
             for i, reply in zip(idx, self._engine.generate(**kwargs)):
                 replies[i] = reply
-        return [r for r in replies if r is not None]
+        if any(r is None for r in replies):
+            raise RuntimeError("sglang.Engine.generate returned fewer replies than prompts")
+        return replies  # type: ignore[return-value]
 
 
 def _start_engine(model_path: str, return_routed_experts: bool, options: dict[str, Any]) -> Any:

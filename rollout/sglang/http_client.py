@@ -5,7 +5,8 @@ thread-safe, and reusing one per worker thread avoids a TCP handshake per
 request. Connection failures (refused, reset, a keep-alive socket the server
 closed) and 502/503/504 are retried with exponential backoff; a 4xx is the
 caller's fault and is raised at once as ``ValueError``; a read timeout is not
-retried, since the server may still be working on the request.
+retried, since the server may still be working on the request. Generation has
+no side effects, so re-sending a request whose connection broke is safe.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class HTTPClient:
                     ) from exc
             else:
                 if status < 400:
-                    return json.loads(raw) if raw.strip() else None
+                    return _json_body(raw, f"{method} {self.url}{path}")
                 message = _error_text(raw)
                 if 400 <= status < 500:
                     raise ValueError(f"{method} {self.url}{path} -> HTTP {status}: {message}")
@@ -126,6 +127,15 @@ class HTTPClient:
         if resp.will_close:
             self._drop_connection()
         return resp.status, raw
+
+
+def _json_body(raw: bytes, what: str) -> Any:
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{what}: the reply is not JSON ({exc}): {raw[:200]!r}") from None
 
 
 def _error_text(raw: bytes) -> str:

@@ -45,7 +45,8 @@ from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, Sam
 
 SGLANG_WIRE_VERSION = "0.5.17"  # the release whose replies the fixture recorded and r3 serve mimics
 DEFAULT_WEIGHT_VERSION = "default"
-CACHED_TOKENS_META_KEY = "prefix_hit_tokens"  # the built-in engine's Rollout.meta: prompt tokens served from its prefix cache
+# The built-in engine's Rollout.meta key for prompt tokens served from its prefix cache.
+CACHED_TOKENS_META_KEY = "prefix_hit_tokens"
 
 # Our SamplingParams field -> SGLang sampling_params key.
 _SAMPLING_KEYS = {
@@ -59,7 +60,9 @@ _SAMPLING_KEYS = {
 # SGLang sampling keys r3 serve accepts but that change nothing without a tokenizer.
 _INERT_SAMPLING_KEYS = frozenset({"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
 # Top-level GenerateReqInput keys r3 serve accepts only at their SGLang default.
-_DEFAULT_ONLY_KEYS = {"logprob_start_len": (None, -1), "top_logprobs_num": (None, 0), "return_text_in_logprobs": (False,)}
+_DEFAULT_ONLY_KEYS = {
+    "logprob_start_len": (None, -1), "top_logprobs_num": (None, 0), "return_text_in_logprobs": (False,)
+}
 _HANDLED_KEYS = frozenset(
     {"rid", "input_ids", "sampling_params", "return_logprob", "return_routed_experts", "routed_experts_start_len",
      "stream", "log_metrics"}
@@ -69,17 +72,14 @@ _FINISH_TYPES = {"length": FINISH_LENGTH, "stop": FINISH_STOP, "abort": FINISH_A
 
 # ---------------------------------------------------------------- client side
 def sampling_to_sglang(sampling: SamplingParams) -> dict[str, Any]:
-    """SGLang's ``sampling_params`` dict for ``sampling`` (``sampling_seed`` only when set)."""
-    out: dict[str, Any] = {
-        "max_new_tokens": sampling.max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "top_k": sampling.top_k,
-    }
-    if sampling.stop_token_ids:
-        out["stop_token_ids"] = list(sampling.stop_token_ids)
-    if sampling.seed is not None:
-        out["sampling_seed"] = sampling.seed
+    """SGLang's ``sampling_params`` for ``sampling``; unset stops and seed are left out, as SGLang's defaults."""
+    out: dict[str, Any] = {}
+    for ours, theirs in _SAMPLING_KEYS.items():
+        value = getattr(sampling, ours)
+        if ours == "stop_token_ids":
+            value = list(value) or None
+        if value is not None:
+            out[theirs] = value
     return out
 
 
@@ -89,7 +89,6 @@ def build_request(
     *,
     start_len: int = 0,
     return_routed_experts: bool = True,
-    stream: bool = False,
 ) -> dict[str, Any]:
     """One ``/generate`` body. Logprobs are always asked for: a ``Rollout`` carries them."""
     prompt = [int(t) for t in prompt_ids]
@@ -104,8 +103,6 @@ def build_request(
         body["return_routed_experts"] = True
         if start_len:
             body["routed_experts_start_len"] = int(start_len)
-    if stream:
-        body["stream"] = True
     return body
 
 
@@ -161,7 +158,9 @@ def _decode_logprobs(meta: Mapping[str, Any], output_ids: list[int]) -> list[flo
         if not isinstance(entry, list) or len(entry) < 2 or not isinstance(entry[0], (int, float)):
             raise ValueError(f"output_token_logprobs[{i}] = {entry!r} is not [logprob, token_id, text]")
         if entry[1] != output_ids[i]:
-            raise ValueError(f"output_token_logprobs[{i}] is for token {entry[1]} but output_ids[{i}] = {output_ids[i]}")
+            raise ValueError(
+                f"output_token_logprobs[{i}] is for token {entry[1]} but output_ids[{i}] = {output_ids[i]}"
+            )
         logprobs.append(float(entry[0]))
     return logprobs
 
@@ -256,7 +255,10 @@ def parse_request(body: Any, *, vocab_size: int, max_seq_len: int) -> GenerateRe
     _typed(body.get("log_metrics", True), bool, "log_metrics")
     rid = body.get("rid")
     # A single rid for a batch is a prefix, as in SGLang.
-    rids = [f"{rid}_{i}" for i in range(n)] if is_batch and isinstance(rid, str) else _per_item(rid, n, "rid", str, None)
+    if is_batch and isinstance(rid, str):
+        rids = [f"{rid}_{i}" for i in range(n)]
+    else:
+        rids = _per_item(rid, n, "rid", str, None)
     items = []
     for i, prompt in enumerate(prompts):
         where = f"input_ids[{i}]" if is_batch else "input_ids"
@@ -302,14 +304,11 @@ def build_reply(
     spec: MoESpec,
     *,
     capture: bool,
-    weight_version: str = DEFAULT_WEIGHT_VERSION,
     e2e_latency: float = 0.0,
 ) -> dict[str, Any]:
     """An SGLang 0.5.17 reply (same keys, same order) for one finished item."""
     cached = int(rollout.meta.get(CACHED_TOKENS_META_KEY, 0))
-    reply = _reply(
-        item, rollout.output_ids, rollout.output_logprobs, finish_reason_to_sglang(rollout), cached, weight_version
-    )
+    reply = _reply(item, rollout.output_ids, rollout.output_logprobs, finish_reason_to_sglang(rollout), cached)
     meta = reply["meta_info"]
     if capture and item.return_routed_experts:
         routes = rollout.routed_experts
@@ -326,26 +325,22 @@ def build_reply(
     return reply
 
 
-def build_partial_reply(
-    item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float], *,
-    weight_version: str = DEFAULT_WEIGHT_VERSION,
-) -> dict[str, Any]:
+def build_partial_reply(item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float]) -> dict[str, Any]:
     """A streamed chunk before the end: cumulative tokens, ``finish_reason`` null, no routes yet (as SGLang)."""
-    reply = _reply(item, output_ids, logprobs, None, 0, weight_version)
+    reply = _reply(item, output_ids, logprobs, None, 0)
     reply["meta_info"]["dp_rank"] = None
     return reply
 
 
 def _reply(
-    item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float], finish: dict[str, Any] | None,
-    cached: int, weight_version: str,
+    item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float], finish: dict[str, Any] | None, cached: int
 ) -> dict[str, Any]:
     ids = [int(t) for t in output_ids]
     meta: dict[str, Any] = {
         "id": item.rid,
         "finish_reason": finish,
         "prompt_tokens": len(item.prompt_ids),
-        "weight_version": weight_version,
+        "weight_version": DEFAULT_WEIGHT_VERSION,
         "num_retractions": 0,
     }
     if item.return_logprob:
@@ -366,7 +361,7 @@ def finish_reason_to_sglang(rollout: Rollout) -> dict[str, Any]:
         return {"type": "length", "length": len(rollout.output_ids)}
     if rollout.finish_reason == FINISH_STOP:
         return {"type": "stop", "matched": int(rollout.output_ids[-1]) if rollout.output_ids else None}
-    return {"type": "abort", "message": str(rollout.meta.get("abort_message", "aborted"))}
+    return {"type": "abort", "message": "aborted by the engine"}
 
 
 def error_body(message: str) -> dict[str, Any]:

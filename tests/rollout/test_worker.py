@@ -38,3 +38,12 @@ def test_bad_construction_is_named(tiny_model_dir):
         RolloutWorker()
     with pytest.raises(ValueError, match=r"unknown engine option\(s\) \['max_runing_requests'\]"):
         RolloutWorker(tiny_model_dir("tiny-qwen3-moe"), max_runing_requests=4)
+
+
+def test_closing_frees_the_engine(tiny_model_dir):
+    worker = RolloutWorker(tiny_model_dir("tiny-qwen3-moe"))
+    with worker:
+        worker.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+    assert worker.backend.model is None and worker.backend.kv is None
+    with pytest.raises(ValueError, match="engine is closed"):
+        worker.generate([[1, 2]], SamplingParams(max_new_tokens=1))

@@ -50,12 +50,19 @@ from trainer_bridge.verl.layout import (
 MODE_KEY = "actor_rollout_ref.actor.fsdp_config.router_replay.mode"
 SP_KEY = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
 REPLAY_MODES = ("R2", "R3")
+MODES = ("disabled", *REPLAY_MODES)
+# Engines this plugin replays in. VeOmni's engine subclasses FSDPEngineWithLMHead but replays on its own.
+FSDP_STRATEGIES = ("fsdp", "fsdp2")
 GUARD = "warn"  # trainer_bridge's misalignment guard: warn when replayed routes look unrelated to the tokens
 REPLAY, RECORD = "replay", "record"
 
 
 def flat_routes(batch: TensorDict, spec: MoESpec) -> torch.Tensor:
-    """The batch's routes as int64 ``[total_tokens, L, K]`` rows aligned with ``input_ids.values()``."""
+    """The batch's routes as int64 ``[total_tokens, L, K]`` rows aligned with ``input_ids.values()``.
+
+    verl's trainer hands the engine the nested form (``left_right_2_no_padding``); a batch
+    that kept the padded field is read through its ``attention_mask`` instead.
+    """
     routes, input_ids = batch[ROUTES_FIELD], batch["input_ids"]
     if routes.is_nested:
         return routes_from_nested(routes, input_ids, spec)
@@ -75,12 +82,10 @@ class BatchScope:
     spec: MoESpec
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     recording: Recording | None = None
-    micro_batches: int = 0
 
     def start_micro_batch(self, module: torch.nn.Module, micro_batch: TensorDict, model_input_ids: torch.Tensor) -> None:
         """Close the previous micro-batch's context (its backward is done) and open this one's."""
         self.stack.close()
-        self.micro_batches += 1
         if self.action == RECORD:
             self.recording = self.stack.enter_context(record(module))
             return
@@ -108,9 +113,17 @@ class BatchScope:
         self.stack.close()
 
 
-def engine_spec(engine: FSDPEngineWithLMHead) -> MoESpec:
+def replay_mode(engine: FSDPEngineWithLMHead) -> str:
+    """verl's ``router_replay.mode``: a config dataclass from YAML with ``_target_``, a plain dict from a bare
+    ``+...router_replay.mode=R3`` override (which skips the dataclass's own validation, so it is checked here)."""
+    mode = engine.engine_config.router_replay.get("mode", "disabled")
+    if mode not in MODES:
+        raise ValueError(f"{MODE_KEY}={mode!r} is not one of {list(MODES)}")
+    return mode
+
+
+def engine_spec(engine: FSDPEngineWithLMHead, mode: str) -> MoESpec:
     """The model's MoE shape; refuses what the plugin cannot replay before any forward runs."""
-    mode = engine.engine_config.router_replay.mode
     if engine.use_ulysses_sp:
         raise ValueError(
             f"{MODE_KEY}={mode} with Ulysses sequence parallelism ({SP_KEY}="
@@ -121,13 +134,13 @@ def engine_spec(engine: FSDPEngineWithLMHead) -> MoESpec:
 
 def batch_action(engine: FSDPEngineWithLMHead, data: TensorDict, forward_only: bool) -> BatchScope | None:
     """What this batch does (``None``: route natively), with every check that must precede the first forward."""
-    mode = engine.engine_config.router_replay.mode
-    if mode not in REPLAY_MODES:
+    mode = replay_mode(engine)
+    if mode not in REPLAY_MODES or engine.engine_config.strategy not in FSDP_STRATEGIES:
         return None
     # verl's own per-call switch (set False for the reference pass by workers that honour router replay).
     if tu.get_non_tensor_data(data=data, key="enable_routing_replay", default=True) is False:
         return None
-    spec = engine_spec(engine)
+    spec = engine_spec(engine, mode)
     if ROUTES_FIELD not in data.keys():
         if mode == "R3":
             raise ValueError(

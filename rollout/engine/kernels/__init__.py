@@ -1,10 +1,10 @@
 """Triton kernels for the built-in engine's CUDA path, each with a torch reference.
 
 - ``paged_decode_attention``: decode attention reading K/V in place from the slot pool;
-- ``grouped_experts``: SwiGLU experts as two grouped GEMMs with no host sync (torch ``_grouped_mm``);
 - ``gumbel_sample``: the sampler's counter-based Gumbel-max fused into one pass over the logits.
 
-``microbench`` times each against the torch path it replaces. Tests run on CPU
+``microbench`` times each, and the engine's grouped-GEMM experts, against the torch
+path it replaces, at the decode shapes of ``bench-qwen3-moe``. Tests run on CPU
 through Triton's interpreter (``TRITON_INTERPRET=1``) and natively on CUDA.
 """
 

@@ -11,7 +11,9 @@ argmax, so it reads the ``[B, V]`` candidates once and writes ``[B]`` ids.
 The hash is the same 32-bit mixer (lowbias32) as the sampler's; its int64
 version masks to 32 bits after every step, so uint32 arithmetic gives the same
 bits. The float part (``-log(-log(u))``) may differ from torch's in the last ulp,
-which changes the pick only when two noisy logits tie to within an ulp.
+which changes the pick only when two noisy logits tie to within an ulp. One
+deliberate difference: ``u`` is kept below 1 (see the kernel), where the torch
+sampler's ``u`` can round to exactly 1.0 and its Gumbel noise becomes +inf.
 """
 
 from __future__ import annotations
@@ -79,7 +81,10 @@ if triton is not None:
             ok = v < vocab
             logits = tl.load(cand_ptr + row * stride_b + v, mask=ok, other=float("-inf"))
             bits = _hash32(row_key ^ _hash32(v.to(tl.uint32) + 0x9E3779B9))  # the sampler's vocab salt
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            # the top 24-bit value, (2^24 - 0.5) / 2^24, rounds to exactly 1.0 in fp32, where -log(-log(u)) is +inf:
+            # such a token (about 1 row in 110 at a 151,936 vocabulary) would win whatever its logit, and a
+            # truncated one (-inf + inf = NaN) as well. Clamp to the largest float below 1, which no other value reaches.
+            u = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)
             noisy = logits + noise_scale * -tl.log(-tl.log(u))
             noisy = tl.where(ok, noisy, float("-inf"))
             better = noisy > best_val  # strict: an earlier block keeps a tie

@@ -56,10 +56,12 @@ class AttentionMetadata:
     ``seq_rows``/``kv_lens``/``req_to_slot`` directly.
     """
 
-    kv_slots: torch.Tensor  # [B, max_kv] KV slot of each context position
-    mask: torch.Tensor  # [B, 1, max_q, max_kv] True where the query may attend
-    pad_index: torch.Tensor  # [B, max_q] flat token index, N for padding
-    unpad_index: torch.Tensor  # [N] position of each token in the flattened [B * max_q]
+    # torch path only (None inside a decode CUDA graph, which uses the paged kernel)
+    kv_slots: torch.Tensor | None  # [B, max_kv] KV slot of each context position
+    mask: torch.Tensor | None  # [B, 1, max_q, max_kv] True where the query may attend
+    pad_index: torch.Tensor | None  # [B, max_q] flat token index, N for padding
+    unpad_index: torch.Tensor | None  # [N] position of each token in the flattened [B * max_q]
+    # every path
     seq_rows: torch.Tensor  # [B] request-table rows
     kv_lens: torch.Tensor  # [B] context length after this step
     req_to_slot: torch.Tensor  # the whole request->slot table, for kernels that read it in place

@@ -191,3 +191,16 @@ def test_generate_keeps_results_of_requests_added_elsewhere(qwen3_dir):
     assert len(mine[0].output_ids) == 3
     later = dict(engine.step())
     assert later[other].output_ids and not engine.has_unfinished()
+
+
+def test_progress_streams_the_tokens_of_a_running_request(qwen3_dir):
+    engine = Engine(qwen3_dir)
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0))
+    seen, done = [], {}
+    while engine.has_unfinished():
+        done.update(engine.step())
+        so_far = engine.progress(rid)
+        if so_far is not None:
+            seen.append(len(so_far[0]))
+    assert seen == sorted(seen) and 0 < seen[-1] < 5  # grew step by step before the finish
+    assert engine.progress(rid) is None and len(done[rid].output_ids) == 5

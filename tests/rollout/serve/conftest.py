@@ -21,7 +21,8 @@ class ServeProcess:
     def __init__(self, model: Path, *flags: str) -> None:
         cmd = [sys.executable, "-m", "recipes.cli", "serve", "--model", str(model), "--port", "0", *flags]
         # One intra-op thread: the test process computes beside the server on a small shared CPU.
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+        path = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
         self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on it
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         first: list[str] = []
@@ -61,3 +62,14 @@ def start_serve():
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Test process and server share a small, busy CPU; a second intra-op thread per process only thrashes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

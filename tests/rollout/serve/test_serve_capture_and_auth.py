@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rollout import RolloutWorker
-from rollout.serve.server import open_server
+from rollout.engine.engine import Engine
+from rollout.serve.server import R3Server
 from rollout.sglang.backend import SGLangBackend
 from rollout.sglang.http_client import HTTPClient
 from rollout.types import SamplingParams
@@ -52,8 +53,11 @@ def test_api_key_is_required_except_for_health(no_capture, model):
 
 
 def test_dense_layers_are_zeros_on_the_wire_and_dropped_by_the_backend(model):
-    server = open_server(model, port=0)
+    engine = Engine(model)
+    server = R3Server(engine, model, port=0)
     server.start_background()
+    with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{server.port}"):
+        R3Server(engine, model, port=server.port)
     try:
         with SGLangBackend(url=server.url, model_path=model) as backend:
             served = backend.generate(PROMPTS, SAMPLING)
@@ -71,3 +75,8 @@ def test_dense_layers_are_zeros_on_the_wire_and_dropped_by_the_backend(model):
         assert s.routed_experts.moe_layers == (1, 2, 3)
         assert s.routed_experts == l.routed_experts and s.output_ids == l.output_ids
     assert np.array_equal(wire[:, 1:], served[0].routed_experts.to_int32())
+
+
+def test_sigterm_stops_the_server_cleanly(no_capture):
+    assert no_capture.stop() == 0
+    assert "r3 serve: stopped" in no_capture.stderr_text()

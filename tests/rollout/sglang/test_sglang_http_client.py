@@ -29,9 +29,8 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.calls.append(
-                    {"port": self.client_address[1], "auth": self.headers.get("Authorization"), "body": json.loads(body)}
-                )
+                auth = self.headers.get("Authorization")
+                outer.calls.append({"port": self.client_address[1], "auth": auth, "body": json.loads(body)})
                 status, payload, delay = outer.script.pop(0) if len(outer.script) > 1 else outer.script[0]
                 time.sleep(delay)
                 data = json.dumps(payload).encode()

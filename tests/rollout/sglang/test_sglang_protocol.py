@@ -37,7 +37,9 @@ def spec(recorded):
 
 def _decode(case, spec, **overrides):
     req = case["request"]
-    kwargs = dict(start_len=req.get("routed_experts_start_len", 0), routes_requested=req.get("return_routed_experts", False))
+    kwargs = dict(
+        start_len=req.get("routed_experts_start_len", 0), routes_requested=req.get("return_routed_experts", False)
+    )
     kwargs.update(overrides)
     return decode_reply(case["reply"], req["input_ids"], spec, **kwargs)
 
@@ -181,7 +183,8 @@ def test_requests_use_sglang_names_and_round_trip(recorded):
     }
     parsed = parse_request(body, vocab_size=16, max_seq_len=64)
     (item,) = parsed.items
-    assert (item.prompt_ids, item.sampling, item.start_len, item.return_routed_experts) == ([1, 2, 3], sampling, 2, True)
+    assert (item.prompt_ids, item.sampling, item.start_len) == ([1, 2, 3], sampling, 2)
+    assert item.return_routed_experts and item.return_logprob
     assert "return_routed_experts" not in build_request([1], sampling, return_routed_experts=False)
     with pytest.raises(ValueError, match="start_len"):
         build_request([1, 2], sampling, start_len=3)
@@ -238,3 +241,4 @@ def test_bad_requests_name_the_problem(body, message):
 def test_sampling_params_from_sglang_defaults():
     assert sampling_from_sglang({"max_new_tokens": 3, "temperature": 0}) == SamplingParams(3, temperature=0)
     assert sampling_from_sglang({"max_new_tokens": 3, "skip_special_tokens": True}) == SamplingParams(3)
+

@@ -1,10 +1,10 @@
-"""A CPU platform for verl's platform registry, so verl's FSDP engine runs in CPU-only CI.
+"""A CPU platform for verl, so verl's FSDP engine runs in CPU-only CI.
 
-verl picks its device through ``verl.plugin.platform`` (``VERL_PLATFORM`` or
-auto-detection) and ships no CPU entry; without one it falls back to CUDA and
-fails on the first ``set_device``. Registering a platform is verl's documented
-extension point for new accelerators, so this is verl's own code path with
-``device_name == "cpu"`` and gloo collectives, not a stand-in for it.
+verl picks its device through ``verl.plugin.platform`` and ships no CPU
+platform; without one it falls back to CUDA and fails on the first
+``set_device``. A ``PlatformBase`` subclass installed with ``set_platform`` is
+verl's extension point for other accelerators, so what runs is verl's own code
+path with ``device_name == "cpu"`` and gloo collectives, not a stand-in for it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 from verl.plugin.platform.platform_base import PlatformBase
-from verl.plugin.platform.platform_manager import PlatformRegistry
-
-PLATFORM_NAME = "r3-cpu"
 
 
 def _cpu_device_module() -> ModuleType:
@@ -37,7 +34,6 @@ def _cpu_device_module() -> ModuleType:
 _DEVICE_MODULE = _cpu_device_module()
 
 
-@PlatformRegistry.register(platform=PLATFORM_NAME)
 class PlatformCPU(PlatformBase):
     @property
     def device_name(self) -> str:
@@ -55,7 +51,7 @@ class PlatformCPU(PlatformBase):
         return True
 
     def is_platform_available(self, use_smi_check: bool = False) -> bool:
-        return False  # never auto-detected: only chosen explicitly through VERL_PLATFORM
+        return False  # never auto-detected: only installed explicitly with set_platform
 
     def current_device(self) -> Any:
         return "cpu"  # verl passes this to Tensor.to(); an int would mean cuda:N

@@ -14,11 +14,13 @@ tensor), ``TrainingWorker`` (``reset``, ``infer_batch``, ``train_mini_batch``,
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 
-pytest.importorskip("verl", reason="verl 0.9.x is not installed (pip install -r trainer_bridge/verl/requirements-ci.txt)")
+pytest.importorskip("verl", reason="verl 0.9.x is not installed (see trainer_bridge/verl/requirements-ci.txt)")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -42,11 +44,18 @@ LENGTHS = [(12, 10), (5, 4), (8, 8), (2, 10)]
 PROMPT_WIDTH, RESPONSE_WIDTH = 13, 11
 
 
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    if torch.distributed.is_initialized():
+        pytest.skip("another test left a torch.distributed process group open")
+    with vh.process_group():
+        yield
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("verl") / "tiny-qwen3-moe"
     init_model("tiny-qwen3-moe", path, seed=0, dtype="float32")
-    vh.init_process_group()
     return str(path)
 
 
@@ -143,6 +152,25 @@ def test_r3_old_logprob_pass_replays_and_matches_direct_replay(r3_worker, model_
         torch.testing.assert_close(seq[:-1], ref, rtol=1e-5, atol=1e-5, msg=f"sequence {i}")
 
 
+def test_r3_reads_a_padded_field_through_the_attention_mask(r3_worker, spec):
+    """A batch whose routed_experts kept verl's padded layout replays the same as the nested one."""
+    rollouts = random_rollouts(spec, seed=6)
+    fields = verl_fields(rollouts, spec)
+    _, nested_out, _, _ = run_old_logprob(r3_worker, fields)
+    td = vh.old_logprob_batch(fields)
+    td["routed_experts"] = fields["routed_experts"]  # padded [batch, seq, layers, top_k] next to nested input_ids
+    probe = vh.RouteProbe.attach(r3_worker.engine.module)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RouteMisalignmentWarning)
+            padded_out = r3_worker.infer_batch(td)
+    finally:
+        probe.detach()
+    ids, routed = expected_packed(rollouts)
+    check_replayed(probe, ids, routed, calls_per_layer=1)
+    torch.testing.assert_close(tu.get(padded_out, "log_probs").values(), tu.get(nested_out, "log_probs").values())
+
+
 def test_r3_update_pass_replays_the_same_routes_as_the_old_logprob_pass(r3_worker, spec):
     """verl's PPO update (ppo_loss, backward with activation-checkpoint recompute, optimizer step) replays too:
     with identical routes the new and old log-probs are equal, so PPO's KL estimate is exactly zero."""
@@ -183,6 +211,15 @@ def test_r3_without_remove_padding_uses_right_padded_rows(model_dir, spec):
             for j, r in enumerate(pair):
                 given = torch.from_numpy(r.routed_experts.ids[:, layer].astype("int64"))
                 assert torch.equal(seen[j, : r.num_tokens - 1], given)
+
+
+def test_mode_from_a_bare_command_line_override(model_dir, spec):
+    """``+actor_rollout_ref.actor.fsdp_config.router_replay.mode=R3`` leaves a dict, not verl's dataclass."""
+    worker = vh.make_worker(model_dir, {"mode": "R3"}, micro_batch=len(LENGTHS), gradient_checkpointing=False)
+    rollouts = random_rollouts(spec, seed=7)
+    _, _, probe, _ = run_old_logprob(worker, verl_fields(rollouts, spec))
+    ids, routed = expected_packed(rollouts)
+    check_replayed(probe, ids, routed, calls_per_layer=1)
 
 
 def test_r2_records_in_old_logprob_pass_and_replays_in_update(model_dir, spec):
@@ -240,3 +277,30 @@ def test_bad_routes_fail_before_the_first_forward(r3_worker, spec, corrupt, mess
     finally:
         probe.detach()
     assert probe.calls == 0
+
+
+SGLANG_FIXTURE = Path(__file__).resolve().parents[3] / ".." / "shared" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
+
+
+def test_real_sglang_routes_replay_exactly_through_verl():
+    """SGLang 0.5.17's own routes for its own checkpoint: every routed row replays, and the guard stays quiet."""
+    if not (SGLANG_FIXTURE / "replies.json").exists():
+        pytest.skip(f"SGLang fixture not found at {SGLANG_FIXTURE}")
+    from rollout.sglang.protocol import decode_reply
+
+    spec = MoESpec.from_pretrained(SGLANG_FIXTURE)
+    cases = json.loads((SGLANG_FIXTURE / "replies.json").read_text())["cases"][:8]
+    rollouts = [decode_reply(c["reply"], c["request"]["input_ids"], spec) for c in cases]
+    worker = vh.make_worker(str(SGLANG_FIXTURE.resolve()), "R3", micro_batch=len(rollouts), gradient_checkpointing=False)
+    fields = rollouts_to_verl_fields(rollouts, spec)
+    _, _, probe, caught = run_old_logprob(worker, fields)
+
+    ids, routed = expected_packed(rollouts)
+    check_replayed(probe, ids, routed, calls_per_layer=1)
+    assert not [w for w in caught if issubclass(w.category, RouteMisalignmentWarning)]
+    # Replay was needed: on some rows the trainer's own router disagrees with SGLang.
+    differ = 0
+    for layer in range(len(spec.moe_layers)):
+        native = probe.logits[layer][0].topk(spec.top_k, dim=-1).indices.sort(-1).values
+        differ += int((native[routed] != ids[routed, layer].sort(-1).values).any(-1).sum())
+    assert differ > 0

@@ -108,7 +108,7 @@ def test_nested_form_refuses_routes_packed_unlike_the_tokens(qwen3):
     "shape, message",
     [
         ((2, 5, 6, 2), r"has 6 layers but the model at actor_rollout_ref.model.path has num_hidden_layers=4"),
-        ((2, 5, 4, 3), r"has top_k=3 .* actor_rollout_ref.rollout.enable_rollout_routing_replay"),
+        ((2, 5, 4, 3), r"has top_k=3 .*\(actor_rollout_ref.rollout.enable_rollout_routing_replay\)"),
         ((2, 5, 4), r"must be \[batch, seq, num_hidden_layers, top_k\]"),
     ],
 )

@@ -5,44 +5,38 @@ builds ``FSDPEngineWithLMHead`` through verl's ``EngineRegistry``), batches go
 through ``DataProto`` -> ``to_tensordict`` -> ``left_right_2_no_padding`` exactly as
 ``RayPPOTrainer._compute_old_log_prob`` / ``_update_actor`` send them, and the
 update pass uses verl's ``ppo_loss``. The two CPU-specific pieces are verl
-extension points: a CPU platform (``set_platform``) and ``VERL_ENGINE_DEVICE``
-to select the engine registered for CUDA.
+extension points, set in this folder's ``conftest.py``: a CPU platform
+(``set_platform``) and ``VERL_ENGINE_DEVICE`` to select the engine registered for CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cache, partial
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from cpu_platform import PlatformCPU
-
-from verl.plugin.platform.platform_manager import set_platform  # noqa: E402
-
-set_platform(PlatformCPU())
-os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # the FSDP engine registers for cuda/npu; the platform makes it run on CPU
-
-from hydra import compose, initialize_config_module  # noqa: E402
-from verl import DataProto  # noqa: E402
-from verl.trainer.config import CheckpointConfig  # noqa: E402
-from verl.utils import tensordict_utils as tu  # noqa: E402
-from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
-from verl.workers.config import (  # noqa: E402
+from hydra import compose, initialize_config_module
+from verl import DataProto
+from verl.trainer.config import CheckpointConfig
+from verl.utils import tensordict_utils as tu
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.config import (
     EngineRouterReplayConfig,
     FSDPEngineConfig,
     FSDPOptimizerConfig,
     HFModelConfig,
     TrainingWorkerConfig,
 )
-from verl.workers.engine.fsdp import transformer_impl  # noqa: E402
-from verl.workers.engine_workers import TrainingWorker  # noqa: E402
-from verl.workers.utils.losses import ppo_loss  # noqa: E402
-from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
+from verl.workers.engine.fsdp import transformer_impl
+from verl.workers.engine_workers import TrainingWorker
+from verl.workers.utils.losses import ppo_loss
+from verl.workers.utils.padding import left_right_2_no_padding
 
 PLUGIN = "trainer_bridge.verl.plugin"
 FP32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
@@ -52,16 +46,25 @@ def engine_runs_on_cpu() -> bool:
     return transformer_impl.device_name == "cpu"
 
 
-def init_process_group() -> None:
-    """Single-process gloo group, as verl's worker would create under Ray."""
-    if torch.distributed.is_initialized():
-        return
+@contextlib.contextmanager
+def process_group() -> Iterator[None]:
+    """Single-process gloo group, as verl's worker would find under Ray; the environment is restored after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @cache
@@ -74,13 +77,16 @@ def ppo_actor_config() -> Any:
 
 def make_worker(
     model_dir: str,
-    mode: str,
+    mode: str | dict,
     *,
     micro_batch: int,
     remove_padding: bool = True,
     gradient_checkpointing: bool = True,
 ) -> TrainingWorker:
-    """verl's training worker on the FSDP engine, fp32 end to end, with the plugin loaded through external_lib."""
+    """verl's training worker on the FSDP engine, fp32 end to end, with the plugin loaded through external_lib.
+
+    ``mode`` as a dict is what a bare ``+...fsdp_config.router_replay.mode=R3`` command-line override yields.
+    """
     model = HFModelConfig(
         path=model_dir,
         load_tokenizer=False,
@@ -96,7 +102,7 @@ def make_worker(
         use_dynamic_bsz=False,
         infer_micro_batch_size_per_gpu=micro_batch,
         micro_batch_size_per_gpu=micro_batch,
-        router_replay=EngineRouterReplayConfig(mode=mode),
+        router_replay=EngineRouterReplayConfig(mode=mode) if isinstance(mode, str) else mode,
     )
     worker = TrainingWorker(
         TrainingWorkerConfig(

@@ -49,6 +49,21 @@ def test_logits_truncation_and_greedy_rows():
     assert got[2] < 100 and got[3] == 7
 
 
+def test_noise_that_rounds_to_one_neither_forces_nor_revives_a_token():
+    """Seed 3716, position 0, token 386: the sampler's 24-bit uniform rounds to exactly 1.0 in fp32 (checked below),
+    so its Gumbel noise is +inf. The kernel keeps u < 1: a truncated token stays out, and a live one is not forced."""
+    seeds = torch.tensor([3716, 3716], device=DEVICE)
+    positions = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    assert uniform_noise(seeds, positions, 4096)[0, 386].item() == 1.0  # the premise of this test
+    greedy = torch.zeros(2, dtype=torch.bool, device=DEVICE)
+    candidates = torch.zeros(2, 4096, device=DEVICE)
+    candidates[0, 386] = float("-inf")  # truncated by top-k/top-p
+    candidates[1, 386] = -50.0  # alive but hopeless: finite noise (at most ~16.6) cannot lift it to the top
+    got = gumbel_argmax(candidates, seeds, positions, greedy, block_v=1024)
+    assert got[0] != 386 and got[1] != 386
+    assert torch.isfinite(candidates[0, got[0]])
+
+
 def test_bad_input_is_refused():
     seeds, positions = _rows(4)
     greedy = torch.zeros(4, dtype=torch.bool, device=DEVICE)

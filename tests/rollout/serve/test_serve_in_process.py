@@ -1,15 +1,22 @@
-"""Streaming: a chunk per engine step with the tokens so far, then the finished reply with its routes."""
+"""``R3Server`` in this process, where the engine can be watched: streaming chunks, and giving up on a request.
+
+Streaming: a chunk per engine step with the tokens so far, then the finished
+reply with its routes. Timeouts: the server answers 504 and aborts the request
+in the engine instead of letting it run to the end.
+"""
 
 from __future__ import annotations
 
 import http.client
 import json
+import time
 
 import pytest
 
 from rollout.engine.engine import Engine
 from rollout.serve.server import R3Server
 from rollout.sglang.backend import SGLangBackend
+from rollout.sglang.http_client import HTTPClient
 from rollout.types import SamplingParams
 
 
@@ -21,9 +28,18 @@ class ProgressEngine(Engine):
         return None if request is None else (list(request.output_ids), list(request.output_logprobs))
 
 
-def test_stream_sends_growing_chunks_then_the_full_reply(tiny_model_dir):
-    model = tiny_model_dir("tiny-qwen3-moe")
-    server = R3Server(ProgressEngine(model), model, port=0)
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return tiny_model_dir("tiny-qwen3-moe")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return ProgressEngine(model)
+
+
+def test_stream_sends_growing_chunks_then_the_full_reply(engine, model):
+    server = R3Server(engine, model, port=0)
     server.start_background()
     try:
         prompt = [5, 4, 3, 2, 1, 9]
@@ -55,3 +71,36 @@ def test_stream_sends_growing_chunks_then_the_full_reply(tiny_model_dir):
     assert final["output_ids"] == whole.output_ids
     assert final["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
     assert final["meta_info"]["routed_experts"] == whole.routed_experts.to_sglang(4)
+
+
+def _wait_idle(engine, seconds=20.0):
+    deadline = time.perf_counter() + seconds
+    while engine.has_unfinished() and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    return not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_past_its_timeout_gets_504_and_is_aborted(engine, model, stream):
+    server = R3Server(engine, model, port=0, request_timeout=0.3)
+    server.start_background()
+    try:
+        client = HTTPClient(server.url, max_retries=0)
+        body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2000, "temperature": 0}}
+        if stream:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn.request("POST", "/generate", json.dumps({**body, "stream": True}))
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            conn.close()
+            # Chunks went out before the deadline, so the timeout arrives as SGLang's error chunk.
+            assert resp.status == 200 and "no result within 0.3s" in text and text.endswith("data: [DONE]\n\n")
+        else:
+            with pytest.raises(RuntimeError, match="HTTP 504: no result within 0.3s"):
+                client.post_json("/generate", body)
+        # 2000 tokens would keep the engine busy for a long time; the abort frees it within a few steps.
+        assert _wait_idle(engine)
+        reply = client.post_json("/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}})
+        assert len(reply["output_ids"]) == 2
+    finally:
+        server.shutdown()

@@ -1,0 +1,92 @@
+"""``r3 run``: the acceptance properties on a small setting, atomic output, nothing written for a bad recipe."""
+
+from __future__ import annotations
+
+import signal
+
+import yaml
+
+from recipes.config import parse_recipe
+from rollout.rollout_file import load_rollouts, model_fingerprint
+
+
+def test_replay_fixes_routing_and_shrinks_mismatch(small_run):
+    report = small_run["report"]
+    native, replay = report["native"], report["replay"]
+    assert native["routing_agreement"] < 1.0  # bf16 rollout vs fp32 trainer: some near-ties flip
+    assert replay["routing_agreement_per_layer"] == [1.0] * len(replay["routing_agreement_per_layer"])
+    assert replay["routing_agreement"] == 1.0
+    assert replay["k3_kl"] < native["k3_kl"]
+    assert replay["mean_abs_logprob_diff"] < native["mean_abs_logprob_diff"]
+    assert native["tokens"] == replay["tokens"] == 8 * 16
+    rollout = report["rollout"]
+    assert rollout["tokens_per_second"] > 0
+    assert rollout["route_bytes_per_token"] == 4 * 2  # 4 MoE layers x top-2 x uint8
+    assert rollout["route_rows"] == 8 * (16 + 16 - 1)
+
+
+def test_outputs_and_table(small_run):
+    out = small_run["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png", "rollouts.safetensors"]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no scratch dir left
+    rollouts, header = load_rollouts(out / "rollouts.safetensors")
+    assert len(rollouts) == 8 and all(len(r.output_ids) == 16 for r in rollouts)
+    assert header.model_fingerprint == model_fingerprint(small_run["model"])
+    assert header.meta["recipe"]["trainer"]["replay"] == "r3"
+    stdout = small_run["proc"].stdout
+    assert "routing agreement" in stdout and "k3 KL" in stdout and "100.0000%" in stdout
+    assert "![per-layer agreement" in (out / "report.md").read_text()
+
+
+def test_bad_recipe_writes_nothing(tmp_path, run_r3, small_recipe):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(
+        dict(small_recipe, rollout=dict(small_recipe["rollout"], sampling={"temperature": "hot"}))))
+    (tmp_path / "nomodel.yaml").write_text(yaml.safe_dump(dict(small_recipe, model={"name": "./missing-model"})))
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(dict(small_recipe, trainer={"replays": "r3"})))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for name, message in [
+        ("bad.yaml", "rollout.sampling.temperature: expected a number, got 'hot'"),
+        ("nomodel.yaml", "model.name: './missing-model' is neither a preset"),
+        ("unknown.yaml", "trainer.replays: unknown key"),
+    ]:
+        proc = run_r3("run", name, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = run_r3("run", "bad.yaml", "--set", "rollout.sampling.temperature=0.7", "--set", "trainer.replay=r5",
+                  cwd=tmp_path)
+    assert proc.returncode == 2 and "trainer.replay: expected one of off, r2, r3, got 'r5'" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no models/, no runs/, no scratch
+
+
+def test_interrupted_run_leaves_previous_output(tmp_path, r3_popen, small_run, small_recipe):
+    recipe = dict(small_recipe, model={"name": str(small_run["model"])})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier run")
+    proc = r3_popen("run", "r.yaml", "--out", "out", "--no-progress", cwd=tmp_path)
+    line = proc.stdout.readline()  # printed inside the scratch directory's lifetime, before the rollout
+    assert line.startswith("model "), line + proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert [p.name for p in out.iterdir()] == ["previous.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]  # scratch directory removed
+
+
+def test_r2_and_off_modes(tmp_path, small_run, small_recipe):
+    from recipes.pipeline import run_recipe
+
+    small_recipe["model"] = {"name": str(small_run["model"])}
+    small_recipe["rollout"]["num_prompts"] = 2
+    small_recipe["rollout"]["sampling"]["max_new_tokens"] = 4
+    reports = {}
+    for mode in ("r2", "off"):
+        recipe = parse_recipe(dict(small_recipe, trainer=dict(small_recipe["trainer"], replay=mode),
+                                   output={"dir": str(tmp_path / mode)}))
+        reports[mode] = run_recipe(recipe, progress=False, log=lambda line: None)
+    r2 = reports["r2"]
+    # R2 replays the trainer's own routes: it reproduces native routing, not the rollout's.
+    assert r2["replay"]["routing_agreement"] == r2["native"]["routing_agreement"]
+    assert abs(r2["replay"]["mean_abs_logprob_diff"] - r2["native"]["mean_abs_logprob_diff"]) < 1e-6
+    assert reports["off"]["replay"] is None and reports["off"]["native"]["routing_agreement"] is not None
+    assert (tmp_path / "off" / "report.png").stat().st_size > 0
