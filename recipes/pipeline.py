@@ -7,16 +7,17 @@ recipe was validated before this module runs, so a bad recipe writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from recipes.config import Recipe, sampling_params, to_dict
-from recipes.report import Condition, build_report, table, write_report
+from recipes.report import Condition, build_report, rollout_stats, table, write_report
 from rollout.atomic import atomic_dir
 from rollout.moe_spec import MoESpec
 from rollout.rollout_file import model_fingerprint, save_rollouts
@@ -66,13 +67,17 @@ def read_prompts_jsonl(path: str | Path, limit: int | None = None) -> list[list[
     return prompts
 
 
-def recipe_prompts(recipe: Recipe, vocab_size: int) -> list[list[int]]:
+def recipe_prompts(recipe: Recipe) -> list[list[int]]:
+    """The prompts, read before any model is made, so a bad prompt file costs nothing."""
     from recipes.demo_model import synthetic_prompts
+    from rollout.presets import PRESETS
 
     cfg = recipe.rollout.prompts
     if cfg.source == "jsonl":
         return read_prompts_jsonl(cfg.path, recipe.rollout.num_prompts)
-    return synthetic_prompts(recipe.rollout.num_prompts, cfg.length, vocab_size, cfg.seed)
+    name = recipe.model.name
+    config = PRESETS[name] if name in PRESETS else json.loads((Path(name) / "config.json").read_text())
+    return synthetic_prompts(recipe.rollout.num_prompts, cfg.length, int(config["vocab_size"]), cfg.seed)
 
 
 # ------------------------------------------------------------------ rollout
@@ -115,8 +120,9 @@ def generate(
 
 
 # ------------------------------------------------------------------ trainer
-def _expert_inputs(model: Any, num_moe_layers: int) -> tuple[list[Any], Callable[[], list[Any]]]:
-    """Observe the top-k ids each MoE block hands its experts module, independently of trainer_bridge.
+@contextlib.contextmanager
+def observe_expert_inputs(model: Any, num_moe_layers: int) -> Iterator[list[Any]]:
+    """Collect the top-k ids each MoE block hands its experts module, independently of trainer_bridge.
 
     transformers 5 MoE blocks call ``experts(hidden_states, top_k_index, top_k_weights)``;
     a model built otherwise is refused, since the replay check would be hollow.
@@ -130,16 +136,16 @@ def _expert_inputs(model: Any, num_moe_layers: int) -> tuple[list[Any], Callable
     seen: list[Any] = []
 
     def hook(module: Any, args: tuple[Any, ...]) -> None:
+        if len(args) < 2:
+            raise ValueError(f"{type(module).__name__} was not called as experts(hidden_states, top_k_index, ...)")
         seen.append(args[1].detach().to("cpu", copy=True))
 
     handles = [m.register_forward_pre_hook(hook) for m in modules]
-
-    def remove() -> list[Any]:
+    try:
+        yield seen
+    finally:
         for h in handles:
             h.remove()
-        return seen
-
-    return seen, remove
 
 
 def trainer_logprobs(model_dir: Path, recipe: Recipe, rollouts: Sequence[Rollout]) -> dict[str, Any]:
@@ -159,12 +165,9 @@ def trainer_logprobs(model_dir: Path, recipe: Recipe, rollouts: Sequence[Rollout
 
     def forward(batch: Any) -> tuple[np.ndarray, np.ndarray]:
         """Response logprobs [B, R] and the ids the experts received [B, S, L, K]."""
-        seen, remove = _expert_inputs(model, L)
-        try:
+        with observe_expert_inputs(model, L) as seen:
             logits = model(input_ids=batch.input_ids.to(tr.device), attention_mask=batch.attention_mask.to(tr.device),
                            position_ids=batch.position_ids.to(tr.device)).logits
-        finally:
-            remove()
         B, S = batch.input_ids.shape
         ids = torch.stack([s.reshape(B, S, -1) for s in seen], dim=2)
         return token_logprobs(logits, batch.input_ids.to(tr.device)).float().cpu().numpy(), ids.numpy()
@@ -210,10 +213,9 @@ def _condition(label: str, rollout_routes: np.ndarray, routes: np.ndarray, rollo
 # ---------------------------------------------------------------------- run
 def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``recipe`` end to end; returns ``report.json``'s content."""
+    prompts = recipe_prompts(recipe)
     model_dir = resolve_model(recipe)
     spec = MoESpec.from_pretrained(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    prompts = recipe_prompts(recipe, int(config["vocab_size"]))
     fingerprint = model_fingerprint(model_dir)
     target = Path(recipe.output.dir)
     with atomic_dir(target) as tmp:
@@ -228,23 +230,14 @@ def run_recipe(recipe: Recipe, progress: bool = True, log: Callable[[str], None]
         if recipe.trainer.replay != "off":
             label = "R3 replay (rollout routes)" if recipe.trainer.replay == "r3" else "R2 replay (trainer routes)"
             replay = _condition(label, t["rollout_routes"], t["replay_routes"], t["rollout_logp"], t["replay_logp"])
-        generated = sum(len(r.output_ids) for r in rollouts)
-        route_rows = sum(r.routed_experts.num_tokens for r in rollouts if r.routed_experts is not None)
-        route_bytes = sum(r.routed_experts.nbytes for r in rollouts if r.routed_experts is not None)
         ro = recipe.rollout
+        stats = rollout_stats(rollouts)
         report = build_report(
             native, replay,
             rollout={
-                "engine": ro.engine, "device": ro.device, "dtype": ro.dtype, "overlap": ro.overlap,
-                "sequences": len(rollouts), "prompt_tokens": sum(len(r.prompt_ids) for r in rollouts),
-                "generated_tokens": generated, "seconds": seconds,
-                "tokens_per_second": generated / seconds,
-                "route_rows": route_rows,
-                "route_bytes_per_token": route_bytes / route_rows if route_rows else 0.0,
-                "route_dtype": str(rollouts[0].routed_experts.ids.dtype) if route_rows else None,
+                "engine": ro.engine, "device": ro.device, "dtype": ro.dtype, "overlap": ro.overlap, **stats,
+                "seconds": seconds, "tokens_per_second": stats["generated_tokens"] / seconds,
                 "num_moe_layers": len(spec.moe_layers), "top_k": spec.top_k, "num_experts": spec.num_experts,
-                "finish_reasons": {k: sum(r.finish_reason == k for r in rollouts)
-                                   for k in sorted({r.finish_reason for r in rollouts})},
             },
             run={
                 "model": str(model_dir), "model_fingerprint": fingerprint, "replay": recipe.trainer.replay,

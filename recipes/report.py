@@ -11,11 +11,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from rollout.atomic import atomic_write_bytes, atomic_write_text
+from rollout.types import Rollout
 
 NATIVE = "native"
 REPLAY = "replay"
@@ -43,6 +44,23 @@ class Condition:
             "ratio_outside": self.mismatch["ratio_outside"],
             "tokens": self.mismatch["tokens"],
         }
+
+
+def rollout_stats(rollouts: Sequence[Rollout]) -> dict[str, Any]:
+    """Sizes of a set of rollouts, shared by the run report and ``r3 inspect``."""
+    routed = [r.routed_experts for r in rollouts if r.routed_experts is not None]
+    rows = sum(x.num_tokens for x in routed)
+    return {
+        "sequences": len(rollouts),
+        "prompt_tokens": sum(len(r.prompt_ids) for r in rollouts),
+        "generated_tokens": sum(len(r.output_ids) for r in rollouts),
+        "sequences_with_routes": len(routed),
+        "route_rows": rows,
+        "route_dtype": str(routed[0].ids.dtype) if routed else None,
+        "route_bytes_per_token": sum(x.nbytes for x in routed) / rows if rows else 0.0,
+        "finish_reasons": {k: sum(r.finish_reason == k for r in rollouts)
+                           for k in sorted({r.finish_reason for r in rollouts})},
+    }
 
 
 def _finite(x: float) -> float | None:

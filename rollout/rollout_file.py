@@ -1,27 +1,13 @@
 """The rollout file: finished rollouts with their routes, in one versioned safetensors file.
 
-Why safetensors: every stack (torch, numpy, Rust, JS) reads it without our code,
-it is never pickle, and its JSON header carries our metadata. Format
-``r3-rollouts`` version 1 (also documented in ``docs/recipes.md``), N sequences:
-
-=====================  ===========================  ==============================================
-tensor                 dtype, shape                 meaning
-=====================  ===========================  ==============================================
-``token_ids``          int32 ``[sum(seq_len)]``     prompt then output ids of every sequence
-``token_offsets``      int64 ``[N+1]``              sequence ``i`` is ``token_ids[o[i]:o[i+1]]``
-``prompt_lens``        int32 ``[N]``                its first ``prompt_lens[i]`` ids are the prompt
-``output_logprobs``    float32 ``[sum(out_len)]``   logprob of each sampled token, sequence after sequence
-``route_ids``          uint8/uint16 ``[R, L, K]``   compact expert ids; the dtype max means "no route"
-``route_offsets``      int64 ``[N+1]``              routes of sequence ``i`` are rows ``r[i]:r[i+1]``
-``route_starts``       int64 ``[N]``                absolute position of each sequence's first route row;
-                                                    ``-1``: the rollout carries no routes
-=====================  ===========================  ==============================================
-
-The safetensors ``__metadata__`` holds ``format``, ``format_version`` and
-``header``, a JSON object: ``model_fingerprint``, ``num_experts``,
-``moe_layers``, ``top_k`` (null when no rollout has routes), ``finish_reasons``
-and ``rollout_meta`` (one entry per sequence), ``meta`` (the caller's), and
-``crc32`` of all tensor bytes: safetensors notices truncation, not flipped bytes.
+Why safetensors: every stack (torch, numpy, Rust, JS) reads it without our
+code, it is never pickle, and its JSON header carries our metadata. Flat
+concatenated arrays plus offsets keep it one contiguous read however many
+sequences it holds, and route ids stay in their compact uint8/uint16 form.
+The layout (format ``r3-rollouts``, version 1) is documented for outside
+readers in ``docs/recipes.md``, section "The rollout file". A CRC32 of the
+tensor bytes sits in the header because safetensors detects truncation but
+not flipped bytes.
 """
 
 from __future__ import annotations
@@ -44,10 +30,16 @@ from rollout.types import Rollout
 
 FORMAT_NAME = "r3-rollouts"
 FORMAT_VERSION = 1
-# Fixed order in which tensor bytes feed the CRC, so writer and reader agree.
-_TENSOR_ORDER = (
-    "token_ids", "token_offsets", "prompt_lens", "output_logprobs", "route_ids", "route_offsets", "route_starts",
-)
+# name -> (accepted dtypes, ndim), in the order their bytes feed the CRC.
+_TENSORS = {
+    "token_ids": ((np.dtype(np.int32),), 1),
+    "token_offsets": ((np.dtype(np.int64),), 1),
+    "prompt_lens": ((np.dtype(np.int32),), 1),
+    "output_logprobs": ((np.dtype(np.float32),), 1),
+    "route_ids": ((np.dtype(np.uint8), np.dtype(np.uint16)), 3),
+    "route_offsets": ((np.dtype(np.int64),), 1),
+    "route_starts": ((np.dtype(np.int64),), 1),
+}
 NO_ROUTES = -1
 # Fingerprinting reads at most this much of each weight file at each end, so a 60 GB checkpoint takes milliseconds.
 FINGERPRINT_EDGE_BYTES = 1 << 20
@@ -92,7 +84,7 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
         size = path.stat().st_size
         digest.update(f"{path.name}\0{size}\0".encode())
         with open(path, "rb") as f:
-            header, _ = _read_header(f, str(path))
+            header = _read_header(f, str(path))
             table = {k: [v["dtype"], v["shape"]] for k, v in header.items() if k != "__metadata__"}
             digest.update(json.dumps(table, sort_keys=True).encode())
             f.seek(0)
@@ -105,8 +97,8 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     return FINGERPRINT_PREFIX + digest.hexdigest()[:32]
 
 
-def _read_header(f: BinaryIO, what: str) -> tuple[dict[str, Any], int]:
-    """The safetensors JSON header and the offset where tensor data begins."""
+def _read_header(f: BinaryIO, what: str) -> dict[str, Any]:
+    """The safetensors JSON header, with a clear error for truncation or garbage."""
     prefix = f.read(_LENGTH_PREFIX.size)
     if len(prefix) < _LENGTH_PREFIX.size:
         raise ValueError(f"{what} is truncated: {len(prefix)} bytes, too short for a safetensors header")
@@ -120,7 +112,7 @@ def _read_header(f: BinaryIO, what: str) -> tuple[dict[str, Any], int]:
         raise ValueError(f"{what} is corrupt: the safetensors header is not JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{what} is corrupt: the safetensors header is not a JSON object")
-    return header, _LENGTH_PREFIX.size + length
+    return header
 
 
 # ----------------------------------------------------------------- writing
@@ -204,7 +196,7 @@ def _check_rollout(i: int, r: Rollout, model: RoutedExperts | None) -> None:
 
 def _crc32(tensors: dict[str, np.ndarray]) -> int:
     crc = 0
-    for name in _TENSOR_ORDER:
+    for name in _TENSORS:
         crc = zlib.crc32(np.ascontiguousarray(tensors[name]).tobytes(), crc)
     return crc
 
@@ -218,22 +210,11 @@ def load_rollouts(path: str | os.PathLike) -> tuple[list[Rollout], RolloutFileHe
     return decode_rollouts(path.read_bytes(), what=f"rollout file {str(path)!r}")
 
 
-_EXPECTED = {  # name -> (accepted dtypes, ndim)
-    "token_ids": ((np.dtype(np.int32),), 1),
-    "token_offsets": ((np.dtype(np.int64),), 1),
-    "prompt_lens": ((np.dtype(np.int32),), 1),
-    "output_logprobs": ((np.dtype(np.float32),), 1),
-    "route_ids": ((np.dtype(np.uint8), np.dtype(np.uint16)), 3),
-    "route_offsets": ((np.dtype(np.int64),), 1),
-    "route_starts": ((np.dtype(np.int64),), 1),
-}
-
-
 def decode_rollouts(data: bytes, what: str = "rollout file") -> tuple[list[Rollout], RolloutFileHeader]:
     from safetensors import SafetensorError
     from safetensors.numpy import load
 
-    header_json, _ = _read_header(io.BytesIO(data), what)
+    header_json = _read_header(io.BytesIO(data), what)
     info = header_json.get("__metadata__") or {}
     if info.get("format") != FORMAT_NAME:
         raise ValueError(f"{what} is not an R3 rollout file (format {info.get('format')!r}, expected {FORMAT_NAME!r})")
@@ -251,11 +232,12 @@ def decode_rollouts(data: bytes, what: str = "rollout file") -> tuple[list[Rollo
         tensors = load(data)
     except SafetensorError as exc:
         raise ValueError(f"{what} is corrupt or truncated: {exc}") from None
-    for name, (dtypes, ndim) in _EXPECTED.items():
+    for name, (dtypes, ndim) in _TENSORS.items():
         if name not in tensors:
             raise ValueError(f"{what} lacks tensor {name!r}")
         if tensors[name].dtype not in dtypes or tensors[name].ndim != ndim:
-            raise ValueError(f"{what}: tensor {name!r} is {tensors[name].dtype} {tensors[name].shape}, expected {ndim}-d {dtypes[0]}")
+            expected = " or ".join(str(d) for d in dtypes)
+            raise ValueError(f"{what}: tensor {name!r} is {tensors[name].dtype} {tensors[name].shape}, expected {ndim}-d {expected}")
     if _crc32(tensors) != header.get("crc32"):
         raise ValueError(f"{what} is corrupt: CRC32 of the tensor data does not match its header")
     return _unpack(tensors, header, what)

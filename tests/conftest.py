@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models: a second intra-op thread only contends for the two cores CI has.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SGLANG_FIXTURE = REPO.parent / "shared" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"

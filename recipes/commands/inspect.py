@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from recipes.config import DTYPES
+from recipes.report import rollout_stats
 from rollout.rollout_file import load_rollouts
 from rollout.types import Rollout
 
@@ -20,20 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def summarize(rollouts: Sequence[Rollout], header: Any) -> dict[str, Any]:
-    routed = [r.routed_experts for r in rollouts if r.routed_experts is not None]
-    rows = sum(x.num_tokens for x in routed)
     return {
-        "sequences": len(rollouts),
-        "prompt_tokens": sum(len(r.prompt_ids) for r in rollouts),
-        "generated_tokens": sum(len(r.output_ids) for r in rollouts),
-        "sequences_with_routes": len(routed),
-        "route_rows": rows,
+        **rollout_stats(rollouts),
         "moe_layers": None if header.moe_layers is None else list(header.moe_layers),
         "top_k": header.top_k,
         "num_experts": header.num_experts,
-        "route_dtype": str(routed[0].ids.dtype) if routed else None,
-        "route_bytes_per_token": sum(x.nbytes for x in routed) / rows if rows else 0.0,
-        "finish_reasons": {k: sum(r.finish_reason == k for r in rollouts) for k in sorted({r.finish_reason for r in rollouts})},
         "model_fingerprint": header.model_fingerprint,
         "format_version": header.format_version,
     }

@@ -16,6 +16,7 @@ from rollout.serve.server import DEFAULT_REQUEST_TIMEOUT_S, LOOPBACK, open_serve
 
 DEFAULT_PORT = 30000  # SGLang's default
 LISTENING_PREFIX = "r3 serve: listening on "
+_LOOPBACK_NAMES = (LOOPBACK, "localhost", "::1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, request_timeout=args.request_timeout, **options,
     )
     print(f"{LISTENING_PREFIX}{server.url}", flush=True)
+    if args.host not in _LOOPBACK_NAMES and not args.api_key:
+        print(f"r3 serve: warning: listening on {args.host} without --api-key", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()

@@ -38,7 +38,8 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
     row_key = _hash32(seed_key ^ _hash32(positions))
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     bits = _hash32(row_key[:, None] ^ _hash32(vocab + 0x9E3779B9)[None, :])
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # (2**24 - 1) + 0.5 rounds to 2**24 in fp32: clamp so -log(-log(u)) never becomes +inf
+    return (((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))).clamp_(max=1.0 - 2.0**-24)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from rollout.engine.kvcache import PrefixCache, RequestTable, SlotAllocator
+from rollout.engine.kvcache import PrefixCache, PrefixMatch, RequestTable, SlotAllocator
 from rollout.types import SamplingParams
 
 BLOCKED = "blocked"
@@ -42,7 +42,7 @@ class Request:
     output_logprobs: list[float] = field(default_factory=list)
     row: int | None = None  # request-table row while it holds KV
     slots: list[int] = field(default_factory=list)  # KV slot of positions [0, len(slots))
-    prefix_path: list = field(default_factory=list)  # locked prefix-cache nodes behind slots[:len(prefix_path)]
+    prefix: PrefixMatch | None = None  # locked prefix-cache match behind slots[:prefix.num_tokens]
     table_synced: int = 0  # device request table holds slots[:table_synced] for this row
     inflight_samples: int = 0  # launched, unprocessed steps that sample a token for this request
     inflight_steps: int = 0  # launched, unprocessed steps that feed tokens of this request
@@ -168,20 +168,21 @@ class Scheduler:
         ``held_back`` slots are spoken for: this batch's other chunks and the running decoders.
         """
         tokens = r.token_ids()
-        path = self.prefix_cache.match(tokens[:-1]) if self.prefix_cache is not None else []
-        if self.prefix_cache is not None:
-            self.prefix_cache.lock(path)
-        n = min(len(tokens) - len(path), budget)
+        match = self.prefix_cache.match(tokens[:-1]) if self.prefix_cache is not None else None
+        hit = match.num_tokens if match is not None else 0
+        if match is not None:
+            self.prefix_cache.lock(match)
+        n = min(len(tokens) - hit, budget)
         if not self._make_room(held_back + n):
-            if self.prefix_cache is not None:
-                self.prefix_cache.unlock(path)
+            if match is not None:
+                self.prefix_cache.unlock(match)
             return 0
         r.row = self.table.alloc()
-        r.prefix_path = path
-        r.slots = [node.slot for node in path]
+        r.prefix = match
+        r.slots = list(match.slots) if match is not None else []
         r.table_synced = 0
-        self.prefix_hit_tokens += len(path)
-        r.prefix_hit_tokens += len(path)
+        self.prefix_hit_tokens += hit
+        r.prefix_hit_tokens += hit
         return n
 
     def _make_room(self, n: int) -> bool:
@@ -247,18 +248,18 @@ class Scheduler:
 
     def _release_kv(self, r: Request, keep_in_cache: int) -> None:
         """Hand ``slots[:keep_in_cache]`` (finalized KV and routes) to the prefix cache, free the rest."""
-        cached = len(r.prefix_path)
+        cached = r.prefix.num_tokens if r.prefix is not None else 0
         if self.prefix_cache is not None and keep_in_cache > cached:
             tokens = r.token_ids()[:keep_in_cache]
             self.slots.free(self.prefix_cache.insert(tokens, r.slots[:keep_in_cache]))
             self.slots.free(r.slots[keep_in_cache:])
         else:
             self.slots.free(r.slots[cached:])
-        if self.prefix_cache is not None:
-            self.prefix_cache.unlock(r.prefix_path)
+        if r.prefix is not None:
+            self.prefix_cache.unlock(r.prefix)
         if r.row is not None:
             self.table.free(r.row)
-        r.row, r.slots, r.prefix_path, r.table_synced = None, [], [], 0
+        r.row, r.slots, r.prefix, r.table_synced = None, [], None, 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

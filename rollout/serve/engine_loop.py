@@ -78,7 +78,7 @@ class EngineLoop:
         future: Future = Future()
         with self._lock:
             if self._closed:
-                future.set_exception(RuntimeError(f"the engine loop has stopped: {self._failure!r}"))
+                future.set_exception(self._stopped_error())
             else:
                 self._inbox.put(_Submission(list(prompt_ids), sampling, start_len, future, on_tokens))
         return future
@@ -131,8 +131,12 @@ class EngineLoop:
 
     def _abort(self, future: Future) -> None:
         rid = next((rid for rid, sub in self._pending.items() if sub.future is future), None)
-        if rid is not None:  # None: it already finished
+        if rid is None:  # it already finished
+            return
+        try:
             self._engine.abort(rid)
+        except ValueError:  # finished inside the engine meanwhile: nothing left to stop
+            pass
 
     def _report_progress(self) -> None:
         progress = getattr(self._engine, "progress", None)
@@ -144,10 +148,13 @@ class EngineLoop:
                 sub.reported = len(so_far[0])
                 sub.on_tokens(list(so_far[0]), list(so_far[1]))
 
+    def _stopped_error(self) -> RuntimeError:
+        if self._failure is not None:
+            return RuntimeError(f"engine failed: {self._failure!r}")
+        return RuntimeError("the engine loop has stopped")
+
     def _drain(self) -> None:
-        reason = RuntimeError(
-            f"engine failed: {self._failure!r}" if self._failure is not None else "the engine loop has stopped"
-        )
+        reason = self._stopped_error()
         with self._lock:
             self._closed = True
         for sub in self._pending.values():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from rollout.rollout_file import load_rollouts, model_fingerprint
 
 
+@pytest.mark.slow  # uses the session's small end-to-end run
 def test_rollout_command(tmp_path, run_r3, small_run):
     model = small_run["model"]
     prompts = [[5, 6, 7], [100, 200, 300, 400, 500], [9]]
@@ -25,6 +28,7 @@ def test_rollout_command(tmp_path, run_r3, small_run):
     assert header.meta["sampling"]["seed"] == 3
 
 
+@pytest.mark.slow  # uses the session's small end-to-end run
 def test_rollout_command_bad_prompts(tmp_path, run_r3, small_run):
     (tmp_path / "p.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": "abc"}\n')
     proc = run_r3("rollout", "--model", str(small_run["model"]), "--prompts", "p.jsonl", "--out", "r.safetensors",
@@ -40,6 +44,7 @@ def _fields(stdout: str) -> dict[str, str]:
     return dict(line.split(None, 1) for line in stdout.strip().splitlines())
 
 
+@pytest.mark.slow  # uses the session's small end-to-end run
 def test_inspect(tmp_path, run_r3, small_run):
     file = small_run["out"] / "rollouts.safetensors"
     proc = run_r3("inspect", str(file), cwd=tmp_path)
@@ -55,6 +60,7 @@ def test_inspect(tmp_path, run_r3, small_run):
     assert shown == f"{small_run['report']['native']['routing_agreement']:.4%}"
 
 
+@pytest.mark.slow  # uses the session's small end-to-end run
 def test_inspect_refuses_other_model_and_damage(tmp_path, run_r3, small_run):
     file = small_run["out"] / "rollouts.safetensors"
     other = tmp_path / "other"

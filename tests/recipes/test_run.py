@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+import torch
+
 import yaml
 
 from recipes.config import parse_recipe
 from rollout.rollout_file import load_rollouts, model_fingerprint
 
 
+@pytest.mark.slow
 def test_replay_fixes_routing_and_shrinks_mismatch(small_run):
     report = small_run["report"]
     native, replay = report["native"], report["replay"]
@@ -25,6 +29,7 @@ def test_replay_fixes_routing_and_shrinks_mismatch(small_run):
     assert rollout["route_rows"] == 8 * (16 + 16 - 1)
 
 
+@pytest.mark.slow
 def test_outputs_and_table(small_run):
     out = small_run["out"]
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "report.png", "rollouts.safetensors"]
@@ -43,11 +48,15 @@ def test_bad_recipe_writes_nothing(tmp_path, run_r3, small_recipe):
         dict(small_recipe, rollout=dict(small_recipe["rollout"], sampling={"temperature": "hot"}))))
     (tmp_path / "nomodel.yaml").write_text(yaml.safe_dump(dict(small_recipe, model={"name": "./missing-model"})))
     (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(dict(small_recipe, trainer={"replays": "r3"})))
+    (tmp_path / "prompts.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": [-1]}\n')
+    (tmp_path / "badprompt.yaml").write_text(yaml.safe_dump(dict(
+        small_recipe, rollout={"prompts": {"source": "jsonl", "path": "prompts.jsonl"}})))
     before = sorted(p.name for p in tmp_path.iterdir())
     for name, message in [
         ("bad.yaml", "rollout.sampling.temperature: expected a number, got 'hot'"),
         ("nomodel.yaml", "model.name: './missing-model' is neither a preset"),
         ("unknown.yaml", "trainer.replays: unknown key"),
+        ("badprompt.yaml", "prompts.jsonl:2: expected"),  # read before the model is made
     ]:
         proc = run_r3("run", name, cwd=tmp_path)
         assert proc.returncode == 2
@@ -58,6 +67,7 @@ def test_bad_recipe_writes_nothing(tmp_path, run_r3, small_recipe):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no models/, no runs/, no scratch
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_previous_output(tmp_path, r3_popen, small_run, small_recipe):
     recipe = dict(small_recipe, model={"name": str(small_run["model"])})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -73,20 +83,36 @@ def test_interrupted_run_leaves_previous_output(tmp_path, r3_popen, small_run, s
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]  # scratch directory removed
 
 
-def test_r2_and_off_modes(tmp_path, small_run, small_recipe):
+@pytest.mark.slow
+def test_r2_and_off_modes(small_run, small_recipe):
+    """The trainer half of the run on the small run's rollouts: R2 replays the trainer's own routes."""
+    from recipes.pipeline import trainer_logprobs
+    from trainer_bridge.metrics import routing_agreement
+
+    rollouts, _ = load_rollouts(small_run["out"] / "rollouts.safetensors")
+    small_recipe["model"] = {"name": str(small_run["model"])}
+    results = {}
+    for mode in ("r2", "off"):
+        recipe = parse_recipe(dict(small_recipe, trainer=dict(small_recipe["trainer"], replay=mode)))
+        results[mode] = trainer_logprobs(small_run["model"], recipe, rollouts[:4])
+    r2, off = results["r2"], results["off"]
+    # R2 reproduces native routing exactly (not the rollout's), so its logprobs are the native ones.
+    assert (r2["replay_routes"] == r2["native_routes"]).all()
+    assert abs(r2["replay_logp"] - r2["native_logp"]).max() < 1e-5
+    assert float(routing_agreement(r2["native_routes"], r2["rollout_routes"]).mean()) < 1.0
+    assert off["replay_logp"] is None and off["replay_routes"] is None
+    assert (off["native_logp"] == r2["native_logp"]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_small_run_on_cuda(tmp_path, small_recipe):
     from recipes.pipeline import run_recipe
 
-    small_recipe["model"] = {"name": str(small_run["model"])}
-    small_recipe["rollout"]["num_prompts"] = 2
-    small_recipe["rollout"]["sampling"]["max_new_tokens"] = 4
-    reports = {}
-    for mode in ("r2", "off"):
-        recipe = parse_recipe(dict(small_recipe, trainer=dict(small_recipe["trainer"], replay=mode),
-                                   output={"dir": str(tmp_path / mode)}))
-        reports[mode] = run_recipe(recipe, progress=False, log=lambda line: None)
-    r2 = reports["r2"]
-    # R2 replays the trainer's own routes: it reproduces native routing, not the rollout's.
-    assert r2["replay"]["routing_agreement"] == r2["native"]["routing_agreement"]
-    assert abs(r2["replay"]["mean_abs_logprob_diff"] - r2["native"]["mean_abs_logprob_diff"]) < 1e-6
-    assert reports["off"]["replay"] is None and reports["off"]["native"]["routing_agreement"] is not None
-    assert (tmp_path / "off" / "report.png").stat().st_size > 0
+    small_recipe["model"]["dir"] = str(tmp_path / "models")
+    small_recipe["rollout"]["device"] = small_recipe["trainer"]["device"] = "cuda"
+    small_recipe["output"] = {"dir": str(tmp_path / "out")}
+    report = run_recipe(parse_recipe(small_recipe), progress=False, log=lambda line: None)
+    assert report["replay"]["routing_agreement"] == 1.0
+    assert report["replay"]["mean_abs_logprob_diff"] < report["native"]["mean_abs_logprob_diff"]
+    assert report["replay"]["k3_kl"] < report["native"]["k3_kl"]

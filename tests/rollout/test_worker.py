@@ -1,11 +1,9 @@
 """``RolloutWorker``, the public entry point, on the built-in engine."""
 
 import pytest
-import torch
 
 from rollout import Rollout, RolloutWorker, SamplingParams
 
-torch.set_num_threads(1)  # tiny models: a second thread only contends on shared cores
 
 
 def test_generate_returns_tokens_logprobs_and_routes(tiny_model_dir):

@@ -10,13 +10,15 @@ wraps three methods of ``FSDPEngineWithLMHead``; verl's files are not touched:
   record the trainer's own routes (R2 on the forward-only old-logprob pass), and
   validates the routes against the model (layer count, top_k, ids);
 * ``prepare_model_inputs`` lays the micro-batch's routes out like the
-  ``input_ids`` it just built (packed remove-padding row with its tail pad, or
+  ``input_ids`` it just built (packed remove-padding row with its tail pad, sliced
+  per rank under Ulysses SP with verl's own ``slice_input_tensor``, or
   right-padded rows) and opens trainer_bridge's :func:`~trainer_bridge.replay`
   (or :func:`~trainer_bridge.record`) on the module. The context stays open
   until the next micro-batch starts, so the backward of this micro-batch,
   activation-checkpoint recompute included, replays the same routes;
 * ``prepare_model_outputs`` returns the R2 recording as ``routed_experts`` in
-  verl's nested int16 form, which verl's trainer carries into the update batch.
+  verl's nested int16 form (Ulysses shards gathered as verl gathers log-probs),
+  which verl's trainer carries into the update batch.
 
 The mode is verl's own key, read per engine, so the reference model (its own
 ``fsdp_config``) keeps routing natively: ``actor_rollout_ref.actor.fsdp_config.router_replay.mode``.
@@ -32,6 +34,7 @@ from typing import Any, Callable
 import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
+from verl.utils.ulysses import slice_input_tensor
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.utils.padding import build_attention_mask_from_nested
 
@@ -83,25 +86,42 @@ class BatchScope:
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     recording: Recording | None = None
 
-    def start_micro_batch(self, module: torch.nn.Module, micro_batch: TensorDict, model_input_ids: torch.Tensor) -> None:
-        """Close the previous micro-batch's context (its backward is done) and open this one's."""
+    def start_micro_batch(
+        self, engine: FSDPEngineWithLMHead, micro_batch: TensorDict, model_input_ids: torch.Tensor, pad_size: int
+    ) -> None:
+        """Close the previous micro-batch's context (its backward is done) and open this one's.
+
+        ``pad_size`` is what verl appended to the packed sequence (``pad_to_length`` and the
+        Ulysses alignment); under Ulysses SP the routes are then sliced exactly like the tokens.
+        """
         self.stack.close()
         if self.action == RECORD:
-            self.recording = self.stack.enter_context(record(module))
+            self.recording = self.stack.enter_context(record(engine.module))
             return
         flat = flat_routes(micro_batch, self.spec).to(model_input_ids.device)
         if _uses_remove_padding(micro_batch):
-            routes = packed_model_routes(flat, model_input_ids.shape[1])
+            routes = packed_model_routes(flat, flat.shape[0] + pad_size)
+            if engine.use_ulysses_sp:
+                routes = slice_input_tensor(routes, dim=1, padding=False)
         else:
             routes = padded_model_routes(flat, micro_batch["input_ids"], model_input_ids.shape[1])
-        self.stack.enter_context(replay(module, routes, guard=GUARD))
+        if routes.shape[:2] != model_input_ids.shape[:2]:
+            raise ValueError(
+                f"routes laid out as {list(routes.shape[:2])} tokens but the model input is {list(model_input_ids.shape[:2])}: "
+                f"this model shards tokens after the embedding (vision-language), which the plugin does not support "
+                f"with {SP_KEY} > 1"
+            )
+        self.stack.enter_context(replay(engine.module, routes, guard=GUARD))
 
-    def recorded(self, micro_batch: TensorDict) -> torch.Tensor:
-        """This micro-batch's recorded routes in verl's form: nested int16 ``[batch, seq, num_hidden_layers, K]``."""
+    def recorded(self, engine: FSDPEngineWithLMHead, micro_batch: TensorDict, pad_size: int) -> torch.Tensor:
+        """This micro-batch's recorded routes in verl's form: nested int16 ``[batch, seq, num_hidden_layers, K]``.
+
+        Remove-padding: verl's own gather (Ulysses shards) and pad strip, as for its log-probs.
+        """
         routes = self.recording.routes
         input_ids = micro_batch["input_ids"]
         if _uses_remove_padding(micro_batch):
-            flat = routes[0, : input_ids.values().shape[0]]
+            flat = engine._gather_and_unpad_packed(routes[0], pad_size)
         else:
             mask = build_attention_mask_from_nested(input_ids, max_seq_len=routes.shape[1])
             flat = routes[mask.bool()]
@@ -122,16 +142,6 @@ def replay_mode(engine: FSDPEngineWithLMHead) -> str:
     return mode
 
 
-def engine_spec(engine: FSDPEngineWithLMHead, mode: str) -> MoESpec:
-    """The model's MoE shape; refuses what the plugin cannot replay before any forward runs."""
-    if engine.use_ulysses_sp:
-        raise ValueError(
-            f"{MODE_KEY}={mode} with Ulysses sequence parallelism ({SP_KEY}="
-            f"{engine.ulysses_sequence_parallel_size}) is not supported by the R3 verl plugin: set {SP_KEY}=1"
-        )
-    return MoESpec.from_config(engine.model_config.hf_config)
-
-
 def batch_action(engine: FSDPEngineWithLMHead, data: TensorDict, forward_only: bool) -> BatchScope | None:
     """What this batch does (``None``: route natively), with every check that must precede the first forward."""
     mode = replay_mode(engine)
@@ -140,7 +150,7 @@ def batch_action(engine: FSDPEngineWithLMHead, data: TensorDict, forward_only: b
     # verl's own per-call switch (set False for the reference pass by workers that honour router replay).
     if tu.get_non_tensor_data(data=data, key="enable_routing_replay", default=True) is False:
         return None
-    spec = engine_spec(engine, mode)
+    spec = MoESpec.from_config(engine.model_config.hf_config)
     if ROUTES_FIELD not in data.keys():
         if mode == "R3":
             raise ValueError(
@@ -179,7 +189,7 @@ def _wrap_prepare_model_inputs(original: Callable) -> Callable:
         model_inputs, output_args = original(self, micro_batch)
         scope: BatchScope | None = getattr(self, "_r3_scope", None)
         if scope is not None:
-            scope.start_micro_batch(self.module, micro_batch, model_inputs["input_ids"])
+            scope.start_micro_batch(self, micro_batch, model_inputs["input_ids"], int(output_args.get("pad_size", 0)))
         return model_inputs, output_args
 
     return prepare_model_inputs
@@ -191,7 +201,7 @@ def _wrap_prepare_model_outputs(original: Callable) -> Callable:
         model_output = original(self, output, output_args, micro_batch, logits_processor_func)
         scope: BatchScope | None = getattr(self, "_r3_scope", None)
         if scope is not None and scope.action == RECORD:
-            model_output[ROUTES_FIELD] = scope.recorded(micro_batch)
+            model_output[ROUTES_FIELD] = scope.recorded(self, micro_batch, int(output_args.get("pad_size", 0)))
         return model_output
 
     return prepare_model_outputs

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from rollout.engine.models.arch import ModelArch
 from rollout.engine.models.layers import (
     AttentionMetadata,
     Rotary,

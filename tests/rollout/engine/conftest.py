@@ -1,12 +1,8 @@
-"""Engine tests run tiny models: one torch thread is several times faster than two
-when the machine's cores are shared (OpenMP threads spin against each other)."""
+"""Engine test fixtures (the root conftest already limits torch to one thread)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

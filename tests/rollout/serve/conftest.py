@@ -63,13 +63,3 @@ def start_serve():
     for s in started:
         s.stop()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Test process and server share a small, busy CPU; a second intra-op thread per process only thrashes."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -73,7 +73,7 @@ def test_stream_sends_growing_chunks_then_the_full_reply(engine, model):
     assert final["meta_info"]["routed_experts"] == whole.routed_experts.to_sglang(4)
 
 
-def _wait_idle(engine, seconds=20.0):
+def _wait_idle(engine, seconds=5.0):
     deadline = time.perf_counter() + seconds
     while engine.has_unfinished() and time.perf_counter() < deadline:
         time.sleep(0.05)
@@ -86,7 +86,7 @@ def test_a_request_past_its_timeout_gets_504_and_is_aborted(engine, model, strea
     server.start_background()
     try:
         client = HTTPClient(server.url, max_retries=0)
-        body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2000, "temperature": 0}}
+        body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2040, "temperature": 0}}
         if stream:
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
             conn.request("POST", "/generate", json.dumps({**body, "stream": True}))
@@ -98,9 +98,34 @@ def test_a_request_past_its_timeout_gets_504_and_is_aborted(engine, model, strea
         else:
             with pytest.raises(RuntimeError, match="HTTP 504: no result within 0.3s"):
                 client.post_json("/generate", body)
-        # 2000 tokens would keep the engine busy for a long time; the abort frees it within a few steps.
+        # 2040 tokens would keep the engine busy for a long time; the abort frees it within a few steps.
         assert _wait_idle(engine)
         reply = client.post_json("/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}})
         assert len(reply["output_ids"]) == 2
+    finally:
+        server.shutdown()
+
+
+class FailingEngine(Engine):
+    """The built-in engine with a fault injected into ``step``: the failure path a healthy engine never takes."""
+
+    def step(self):
+        raise RuntimeError("injected fault")
+
+
+def test_an_engine_failure_fails_requests_and_health_but_not_the_server(model):
+    server = R3Server(FailingEngine(model), model, port=0)
+    server.start_background()
+    try:
+        client = HTTPClient(server.url, max_retries=0)
+        body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2}}
+        with pytest.raises(RuntimeError, match="HTTP 503: engine failed: RuntimeError\\('injected fault'\\)"):
+            client.post_json("/generate", body)
+        with pytest.raises(RuntimeError, match="HTTP 503: engine failed"):
+            client.post_json("/generate", body)  # later requests fail fast instead of hanging
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 503
+        conn.close()
     finally:
         server.shutdown()

@@ -29,8 +29,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 import verl_harness as vh  # noqa: E402
 from rollout.moe_spec import MoESpec  # noqa: E402
 from rollout.presets import init_model  # noqa: E402
-from rollout.routed_experts import RoutedExperts  # noqa: E402
-from rollout.types import FINISH_LENGTH, Rollout  # noqa: E402
+from rollout.types import Rollout  # noqa: E402
 from trainer_bridge import RouteMisalignmentWarning, replay  # noqa: E402
 from trainer_bridge.verl import rollouts_to_verl_fields  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
@@ -38,11 +37,6 @@ from verl.workers.utils.padding import no_padding_2_padding  # noqa: E402
 
 if not vh.engine_runs_on_cpu():
     pytest.skip("verl's FSDP engine was imported before the CPU platform was set", allow_module_level=True)
-
-# (prompt, response) lengths: uneven on both sides so left and right padding both occur.
-LENGTHS = [(12, 10), (5, 4), (8, 8), (2, 10)]
-PROMPT_WIDTH, RESPONSE_WIDTH = 13, 11
-
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
@@ -62,46 +56,6 @@ def model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def spec(model_dir) -> MoESpec:
     return MoESpec.from_pretrained(model_dir)
-
-
-def random_rollouts(spec: MoESpec, seed: int = 0) -> list[Rollout]:
-    """Routes unrelated to the model's choice (so replay is visible), laid out like SGLang's: rows [0, n-1)."""
-    g = torch.Generator().manual_seed(seed)
-    rollouts = []
-    for prompt_len, response_len in LENGTHS:
-        n = prompt_len + response_len
-        tokens = torch.randint(0, 512, (n,), generator=g).tolist()
-        ids = torch.rand((n - 1) * len(spec.moe_layers), spec.num_experts, generator=g).argsort(-1)[:, : spec.top_k]
-        routes = RoutedExperts(ids.reshape(n - 1, len(spec.moe_layers), spec.top_k).numpy(), spec.num_experts, spec.moe_layers)
-        rollouts.append(Rollout(tokens[:prompt_len], tokens[prompt_len:], [0.0] * response_len, FINISH_LENGTH, routes))
-    return rollouts
-
-
-def verl_fields(rollouts: list[Rollout], spec: MoESpec) -> dict[str, torch.Tensor]:
-    return rollouts_to_verl_fields(rollouts, spec, prompt_length=PROMPT_WIDTH, response_length=RESPONSE_WIDTH)
-
-
-def expected_packed(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Straight from the rollouts, in remove-padding order: ids ``[T, L, K]`` and which rows replay ``[T]``."""
-    ids, routed = [], []
-    for r in rollouts:
-        rows = torch.from_numpy(r.routed_experts.ids.astype("int64"))
-        ids.append(torch.cat([rows, rows[-1:]]))  # the final token's slot is never compared
-        routed.append(torch.arange(r.num_tokens) < r.num_tokens - 1)
-    return torch.cat(ids), torch.cat(routed)
-
-
-def check_replayed(probe: vh.RouteProbe, ids: torch.Tensor, routed: torch.Tensor, calls_per_layer: int) -> None:
-    """Every expert call saw the given ids on routed rows and the router's own top-k on the others."""
-    for layer in range(ids.shape[1]):
-        assert len(probe.ids[layer]) == calls_per_layer
-        for seen, logits in zip(probe.ids[layer], probe.logits[layer][: len(probe.ids[layer])]):
-            seen = seen.reshape(-1, ids.shape[-1])[: ids.shape[0]]
-            assert torch.equal(seen[routed], ids[routed, layer]), f"layer {layer}: replayed ids differ from the given ids"
-            native = logits[: ids.shape[0]].topk(ids.shape[-1], dim=-1).indices
-            assert torch.equal(seen[~routed].sort(-1).values, native[~routed].sort(-1).values), (
-                f"layer {layer}: final-token rows did not route natively"
-            )
 
 
 def direct_replay_logprobs(model_dir: str, rollouts: list[Rollout]) -> list[torch.Tensor]:
@@ -133,16 +87,16 @@ def run_old_logprob(worker, fields):
 
 @pytest.fixture(scope="module")
 def r3_worker(model_dir):
-    return vh.make_worker(model_dir, "R3", micro_batch=len(LENGTHS))
+    return vh.make_worker(model_dir, "R3", micro_batch=len(vh.LENGTHS))
 
 
 def test_r3_old_logprob_pass_replays_and_matches_direct_replay(r3_worker, model_dir, spec):
-    rollouts = random_rollouts(spec)
-    td, out, probe, caught = run_old_logprob(r3_worker, verl_fields(rollouts, spec))
+    rollouts = vh.random_rollouts(spec)
+    td, out, probe, caught = run_old_logprob(r3_worker, vh.verl_fields(rollouts, spec))
     assert td["routed_experts"].is_nested  # verl's remove-padding turned the padded field into a jagged one
 
-    ids, routed = expected_packed(rollouts)
-    check_replayed(probe, ids, routed, calls_per_layer=1)
+    ids, routed = vh.expected_packed(rollouts)
+    vh.check_replayed(probe, ids, routed, calls_per_layer=1)
     # The guard runs inside verl's forward and sees that these random routes are not the model's.
     assert any(issubclass(w.category, RouteMisalignmentWarning) for w in caught)
 
@@ -154,8 +108,8 @@ def test_r3_old_logprob_pass_replays_and_matches_direct_replay(r3_worker, model_
 
 def test_r3_reads_a_padded_field_through_the_attention_mask(r3_worker, spec):
     """A batch whose routed_experts kept verl's padded layout replays the same as the nested one."""
-    rollouts = random_rollouts(spec, seed=6)
-    fields = verl_fields(rollouts, spec)
+    rollouts = vh.random_rollouts(spec, seed=6)
+    fields = vh.verl_fields(rollouts, spec)
     _, nested_out, _, _ = run_old_logprob(r3_worker, fields)
     td = vh.old_logprob_batch(fields)
     td["routed_experts"] = fields["routed_experts"]  # padded [batch, seq, layers, top_k] next to nested input_ids
@@ -166,16 +120,16 @@ def test_r3_reads_a_padded_field_through_the_attention_mask(r3_worker, spec):
             padded_out = r3_worker.infer_batch(td)
     finally:
         probe.detach()
-    ids, routed = expected_packed(rollouts)
-    check_replayed(probe, ids, routed, calls_per_layer=1)
+    ids, routed = vh.expected_packed(rollouts)
+    vh.check_replayed(probe, ids, routed, calls_per_layer=1)
     torch.testing.assert_close(tu.get(padded_out, "log_probs").values(), tu.get(nested_out, "log_probs").values())
 
 
 def test_r3_update_pass_replays_the_same_routes_as_the_old_logprob_pass(r3_worker, spec):
     """verl's PPO update (ppo_loss, backward with activation-checkpoint recompute, optimizer step) replays too:
     with identical routes the new and old log-probs are equal, so PPO's KL estimate is exactly zero."""
-    rollouts = random_rollouts(spec, seed=1)
-    fields = verl_fields(rollouts, spec)
+    rollouts = vh.random_rollouts(spec, seed=1)
+    fields = vh.verl_fields(rollouts, spec)
     td, out, _, _ = run_old_logprob(r3_worker, fields)
     old = no_padding_2_padding(tu.get(out, "log_probs"), td)
     advantages = torch.randn(old.shape, generator=torch.Generator().manual_seed(0))
@@ -188,16 +142,16 @@ def test_r3_update_pass_replays_the_same_routes_as_the_old_logprob_pass(r3_worke
     finally:
         probe.detach()
 
-    ids, routed = expected_packed(rollouts)
-    check_replayed(probe, ids, routed, calls_per_layer=2)  # forward + gradient-checkpoint recompute
+    ids, routed = vh.expected_packed(rollouts)
+    vh.check_replayed(probe, ids, routed, calls_per_layer=2)  # forward + gradient-checkpoint recompute
     assert abs(float(metrics["actor/ppo_kl"][0])) < 1e-6
     assert float(metrics["actor/pg_clipfrac"][0]) == 0.0
 
 
 def test_r3_without_remove_padding_uses_right_padded_rows(model_dir, spec):
     worker = vh.make_worker(model_dir, "R3", micro_batch=2, remove_padding=False, gradient_checkpointing=False)
-    rollouts = random_rollouts(spec, seed=2)
-    _, out, probe, _ = run_old_logprob(worker, verl_fields(rollouts, spec))
+    rollouts = vh.random_rollouts(spec, seed=2)
+    _, out, probe, _ = run_old_logprob(worker, vh.verl_fields(rollouts, spec))
     reference = direct_replay_logprobs(model_dir, rollouts)
     for i, (seq, ref) in enumerate(zip(tu.get(out, "log_probs").unbind(), reference)):
         torch.testing.assert_close(seq[:-1], ref, rtol=1e-5, atol=1e-5, msg=f"sequence {i}")
@@ -215,21 +169,21 @@ def test_r3_without_remove_padding_uses_right_padded_rows(model_dir, spec):
 
 def test_mode_from_a_bare_command_line_override(model_dir, spec):
     """``+actor_rollout_ref.actor.fsdp_config.router_replay.mode=R3`` leaves a dict, not verl's dataclass."""
-    worker = vh.make_worker(model_dir, {"mode": "R3"}, micro_batch=len(LENGTHS), gradient_checkpointing=False)
-    rollouts = random_rollouts(spec, seed=7)
-    _, _, probe, _ = run_old_logprob(worker, verl_fields(rollouts, spec))
-    ids, routed = expected_packed(rollouts)
-    check_replayed(probe, ids, routed, calls_per_layer=1)
+    worker = vh.make_worker(model_dir, {"mode": "R3"}, micro_batch=len(vh.LENGTHS), gradient_checkpointing=False)
+    rollouts = vh.random_rollouts(spec, seed=7)
+    _, _, probe, _ = run_old_logprob(worker, vh.verl_fields(rollouts, spec))
+    ids, routed = vh.expected_packed(rollouts)
+    vh.check_replayed(probe, ids, routed, calls_per_layer=1)
 
 
 def test_r2_records_in_old_logprob_pass_and_replays_in_update(model_dir, spec):
     worker = vh.make_worker(model_dir, "R2", micro_batch=2)
-    fields = verl_fields(random_rollouts(spec, seed=3), spec)
+    fields = vh.verl_fields(vh.random_rollouts(spec, seed=3), spec)
     del fields["routed_experts"]  # R2 needs no rollout routes
     td, out, probe, _ = run_old_logprob(worker, fields)
     recorded = tu.get(out, "routed_experts")
     assert recorded.is_nested and recorded.dtype == torch.int16
-    assert recorded.shape[0] == len(LENGTHS) and recorded.values().shape[1:] == (spec.num_hidden_layers, spec.top_k)
+    assert recorded.shape[0] == len(vh.LENGTHS) and recorded.values().shape[1:] == (spec.num_hidden_layers, spec.top_k)
     native = torch.cat([torch.cat(probe.ids[layer]) for layer in range(len(spec.moe_layers))], dim=1)
     native = native.reshape(-1, len(spec.moe_layers), spec.top_k)
     assert torch.equal(recorded.values().long().sort(-1).values, native.sort(-1).values)
@@ -262,12 +216,12 @@ def test_r2_records_in_old_logprob_pass_and_replays_in_update(model_dir, spec):
         (lambda f: f.update(routed_experts=f["routed_experts"][:, :, :3]), "num_hidden_layers=4"),
         (lambda f: f.update(routed_experts=f["routed_experts"][..., :1]), "top_k=1"),
         (lambda f: f.pop("routed_experts"), "actor_rollout_ref.rollout.enable_rollout_routing_replay"),
-        (lambda f: f["routed_experts"].__setitem__((0, PROMPT_WIDTH, 0, 0), 9), "num_experts=8"),
+        (lambda f: f["routed_experts"].__setitem__((0, vh.PROMPT_WIDTH, 0, 0), 9), "num_experts=8"),
     ],
     ids=["layer-count", "top_k", "missing", "id-out-of-range"],
 )
 def test_bad_routes_fail_before_the_first_forward(r3_worker, spec, corrupt, message):
-    fields = verl_fields(random_rollouts(spec, seed=5), spec)
+    fields = vh.verl_fields(vh.random_rollouts(spec, seed=5), spec)
     corrupt(fields)
     td = vh.old_logprob_batch(fields)
     probe = vh.RouteProbe.attach(r3_worker.engine.module)
@@ -295,8 +249,8 @@ def test_real_sglang_routes_replay_exactly_through_verl():
     fields = rollouts_to_verl_fields(rollouts, spec)
     _, _, probe, caught = run_old_logprob(worker, fields)
 
-    ids, routed = expected_packed(rollouts)
-    check_replayed(probe, ids, routed, calls_per_layer=1)
+    ids, routed = vh.expected_packed(rollouts)
+    vh.check_replayed(probe, ids, routed, calls_per_layer=1)
     assert not [w for w in caught if issubclass(w.category, RouteMisalignmentWarning)]
     # Replay was needed: on some rows the trainer's own router disagrees with SGLang.
     differ = 0

@@ -38,7 +38,16 @@ from verl.workers.engine_workers import TrainingWorker
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import left_right_2_no_padding
 
+from rollout.moe_spec import MoESpec
+from rollout.routed_experts import RoutedExperts
+from rollout.types import FINISH_LENGTH, Rollout
+from trainer_bridge.verl import rollouts_to_verl_fields
+
 PLUGIN = "trainer_bridge.verl.plugin"
+
+# Test batch: (prompt, response) lengths: uneven on both sides so left and right padding both occur.
+LENGTHS = [(12, 10), (5, 4), (8, 8), (2, 10)]
+PROMPT_WIDTH, RESPONSE_WIDTH = 13, 11
 FP32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
 
 
@@ -82,6 +91,7 @@ def make_worker(
     micro_batch: int,
     remove_padding: bool = True,
     gradient_checkpointing: bool = True,
+    ulysses: int = 1,
 ) -> TrainingWorker:
     """verl's training worker on the FSDP engine, fp32 end to end, with the plugin loaded through external_lib.
 
@@ -102,6 +112,7 @@ def make_worker(
         use_dynamic_bsz=False,
         infer_micro_batch_size_per_gpu=micro_batch,
         micro_batch_size_per_gpu=micro_batch,
+        ulysses_sequence_parallel_size=ulysses,
         router_replay=EngineRouterReplayConfig(mode=mode) if isinstance(mode, str) else mode,
     )
     worker = TrainingWorker(
@@ -184,3 +195,43 @@ class RouteProbe:
     @property
     def calls(self) -> int:
         return sum(len(v) for v in self.ids.values())
+
+
+def random_rollouts(spec: MoESpec, seed: int = 0) -> list[Rollout]:
+    """Routes unrelated to the model's choice (so replay is visible), laid out like SGLang's: rows [0, n-1)."""
+    g = torch.Generator().manual_seed(seed)
+    rollouts = []
+    for prompt_len, response_len in LENGTHS:
+        n = prompt_len + response_len
+        tokens = torch.randint(0, 512, (n,), generator=g).tolist()
+        ids = torch.rand((n - 1) * len(spec.moe_layers), spec.num_experts, generator=g).argsort(-1)[:, : spec.top_k]
+        routes = RoutedExperts(ids.reshape(n - 1, len(spec.moe_layers), spec.top_k).numpy(), spec.num_experts, spec.moe_layers)
+        rollouts.append(Rollout(tokens[:prompt_len], tokens[prompt_len:], [0.0] * response_len, FINISH_LENGTH, routes))
+    return rollouts
+
+
+def verl_fields(rollouts: list[Rollout], spec: MoESpec) -> dict[str, torch.Tensor]:
+    return rollouts_to_verl_fields(rollouts, spec, prompt_length=PROMPT_WIDTH, response_length=RESPONSE_WIDTH)
+
+
+def expected_packed(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight from the rollouts, in remove-padding order: ids ``[T, L, K]`` and which rows replay ``[T]``."""
+    ids, routed = [], []
+    for r in rollouts:
+        rows = torch.from_numpy(r.routed_experts.ids.astype("int64"))
+        ids.append(torch.cat([rows, rows[-1:]]))  # the final token's slot is never compared
+        routed.append(torch.arange(r.num_tokens) < r.num_tokens - 1)
+    return torch.cat(ids), torch.cat(routed)
+
+
+def check_replayed(probe: RouteProbe, ids: torch.Tensor, routed: torch.Tensor, calls_per_layer: int) -> None:
+    """Every expert call saw the given ids on routed rows and the router's own top-k on the others."""
+    for layer in range(ids.shape[1]):
+        assert len(probe.ids[layer]) == calls_per_layer
+        for seen, logits in zip(probe.ids[layer], probe.logits[layer][: len(probe.ids[layer])]):
+            seen = seen.reshape(-1, ids.shape[-1])[: ids.shape[0]]
+            assert torch.equal(seen[routed], ids[routed, layer]), f"layer {layer}: replayed ids differ from the given ids"
+            native = logits[: ids.shape[0]].topk(ids.shape[-1], dim=-1).indices
+            assert torch.equal(seen[~routed].sort(-1).values, native[~routed].sort(-1).values), (
+                f"layer {layer}: final-token rows did not route natively"
+            )

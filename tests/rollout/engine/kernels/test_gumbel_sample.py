@@ -50,11 +50,11 @@ def test_logits_truncation_and_greedy_rows():
 
 
 def test_noise_that_rounds_to_one_neither_forces_nor_revives_a_token():
-    """Seed 3716, position 0, token 386: the sampler's 24-bit uniform rounds to exactly 1.0 in fp32 (checked below),
-    so its Gumbel noise is +inf. The kernel keeps u < 1: a truncated token stays out, and a live one is not forced."""
+    """Seed 3716, position 0, token 386: the 24-bit uniform's top value, which rounds to exactly 1.0 in fp32 unless
+    clamped (its Gumbel noise would be +inf). Both paths keep u < 1: a truncated token stays out, a live one is not forced."""
     seeds = torch.tensor([3716, 3716], device=DEVICE)
     positions = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    assert uniform_noise(seeds, positions, 4096)[0, 386].item() == 1.0  # the premise of this test
+    assert uniform_noise(seeds, positions, 4096)[0, 386].item() == 1.0 - 2.0**-24  # the premise: the top value, clamped
     greedy = torch.zeros(2, dtype=torch.bool, device=DEVICE)
     candidates = torch.zeros(2, 4096, device=DEVICE)
     candidates[0, 386] = float("-inf")  # truncated by top-k/top-p
