@@ -315,7 +315,8 @@ class Engine:
     def _routes_of(self, r: Request) -> RoutedExperts:
         """Rows for positions ``[start_len, seq_len - 1)``: the last sampled token never went through the model."""
         rows = self._route_rows(r, r.num_known - 1)
-        return RoutedExperts(rows[r.start_len :], self.spec.num_experts, self.spec.moe_layers, r.start_len)
+        # rows come from the device top-k in the compact dtype: distinct, in range, no partial rows
+        return RoutedExperts(rows[r.start_len :], self.spec.num_experts, self.spec.moe_layers, r.start_len, validate=False)
 
     def _check_prompt(self, prompt_ids: object) -> list[int]:
         if self._closed:

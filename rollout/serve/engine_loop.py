@@ -8,8 +8,7 @@ requests it held fail with that error and the loop stops taking work
 
 Streaming: a submission may carry ``on_tokens``; after every step the loop
 reports the tokens its request has so far, from the engine's
-``progress(rid) -> (output_ids, logprobs) | None``. An engine without
-``progress`` streams the finished reply only.
+``progress(rid) -> (output_ids, logprobs) | None``.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ class StepEngine(Protocol):
     def step(self) -> list[tuple[int, Rollout]]: ...
     def has_unfinished(self) -> bool: ...
     def abort(self, rid: int) -> None: ...
+    def progress(self, rid: int) -> tuple[list[int], list[float]] | None: ...
 
 
 @dataclass
@@ -139,11 +139,8 @@ class EngineLoop:
             pass
 
     def _report_progress(self) -> None:
-        progress = getattr(self._engine, "progress", None)
-        if progress is None:
-            return
         for rid, sub in self._pending.items():
-            so_far = progress(rid) if sub.on_tokens is not None else None
+            so_far = self._engine.progress(rid) if sub.on_tokens is not None else None
             if so_far is not None and len(so_far[0]) > sub.reported:
                 sub.reported = len(so_far[0])
                 sub.on_tokens(list(so_far[0]), list(so_far[1]))

@@ -5,7 +5,6 @@ import pytest
 from rollout import Rollout, RolloutWorker, SamplingParams
 
 
-
 def test_generate_returns_tokens_logprobs_and_routes(tiny_model_dir):
     with RolloutWorker(tiny_model_dir("tiny-qwen3-moe"), dtype="bfloat16") as worker:
         prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
@@ -15,6 +14,8 @@ def test_generate_returns_tokens_logprobs_and_routes(tiny_model_dir):
         assert r.prompt_ids == p and len(r.output_ids) == 4 and len(r.output_logprobs) == 4
         assert all(lp <= 0 for lp in r.output_logprobs)
         assert r.routed_experts.ids.shape == (len(p) + 4 - 1, 4, 2)
+        r.routed_experts.validate()  # the engine skips validation on its hot path; the ids must still hold
+        assert r.routed_experts.row_mask().all()
 
 
 def test_per_prompt_sampling_and_start_len(tiny_model_dir):

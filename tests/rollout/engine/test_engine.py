@@ -31,6 +31,7 @@ def _assert_same(a, b, what):
         assert x.output_ids == y.output_ids, f"{what}: request {i} tokens differ"
         assert x.finish_reason == y.finish_reason, f"{what}: request {i} finish differs"
         assert x.routed_experts == y.routed_experts, f"{what}: request {i} routes differ"
+        y.routed_experts.validate()  # built unvalidated on the engine's hot path: must hold anyway
         np.testing.assert_allclose(x.output_logprobs, y.output_logprobs, atol=1e-5, err_msg=what)
 
 

@@ -20,14 +20,6 @@ from rollout.sglang.http_client import HTTPClient
 from rollout.types import SamplingParams
 
 
-class ProgressEngine(Engine):
-    """The built-in engine plus ``progress(rid)``, the hook streaming reads (until the engine has its own)."""
-
-    def progress(self, rid):
-        request = self._requests.get(rid)
-        return None if request is None else (list(request.output_ids), list(request.output_logprobs))
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return tiny_model_dir("tiny-qwen3-moe")
@@ -35,7 +27,7 @@ def model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def engine(model):
-    return ProgressEngine(model)
+    return Engine(model)
 
 
 def test_stream_sends_growing_chunks_then_the_full_reply(engine, model):
