@@ -82,7 +82,7 @@ stage_roofline() { python -m bench.roofline --model "$MODEL" --json "$OUT/$STAGE
 
 stage_kernels() {
   python -m pytest tests/rollout/engine/kernels -q -p no:cacheprovider
-  python -m rollout.engine.kernels.microbench --json "$OUT/$STAGE_ID-microbench.json"
+  python -m bench.kernels_microbench --json "$OUT/$STAGE_ID-microbench.json"
 }
 
 stage_gpu_tests() { python -m pytest tests -m gpu -q -p no:cacheprovider; }

@@ -26,7 +26,7 @@ COPY_BYTES = 1 << 30  # 1 GiB source: far past every cache, so the copy runs at 
 MATMUL_N = 8192
 
 
-def _time_per_call(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
+def time_per_call(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
     """Seconds per call of ``fn``, timed with CUDA events on CUDA (no host jitter) and a clock on CPU."""
     for _ in range(warmup):
         fn()
@@ -50,7 +50,7 @@ def copy_bandwidth(device: str | torch.device = "cuda", nbytes: int = COPY_BYTES
     device = torch.device(device)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    seconds = _time_per_call(lambda: dst.copy_(src), device, iters)
+    seconds = time_per_call(lambda: dst.copy_(src), device, iters)
     return 2 * nbytes / seconds
 
 
@@ -60,7 +60,7 @@ def matmul_flops(device: str | torch.device = "cuda", n: int = MATMUL_N, dtype: 
     device = torch.device(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = _time_per_call(lambda: a @ b, device, iters)
+    seconds = time_per_call(lambda: a @ b, device, iters)
     return 2 * n**3 / seconds
 
 

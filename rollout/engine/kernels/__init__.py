@@ -3,7 +3,7 @@
 - ``paged_decode_attention``: decode attention reading K/V in place from the slot pool;
 - ``gumbel_sample``: the sampler's counter-based Gumbel-max fused into one pass over the logits.
 
-``microbench`` times each, and the engine's grouped-GEMM experts, against the torch
+``bench/kernels_microbench.py`` times each, and the engine's grouped-GEMM experts, against the torch
 path it replaces, at the decode shapes of ``bench-qwen3-moe``. Tests run on CPU
 through Triton's interpreter (``TRITON_INTERPRET=1``) and natively on CUDA.
 """

@@ -3,7 +3,7 @@
 These are the numbers the predictions in the GPU report rest on: a per-layer
 saving times the number of layers is an upper bound on the per-step saving.
 
-Run on a GPU: ``python -m rollout.engine.kernels.microbench --json $OUT/microbench.json``
+Run on a GPU: ``python -m bench.kernels_microbench --json $OUT/microbench.json``
 (defaults: bench-qwen3-moe shapes, batches 64 and 256, 160 context tokens).
 """
 
@@ -11,33 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from bench.roofline import time_per_call
 from rollout.atomic import atomic_write_text
 from rollout.engine.kernels.gumbel_sample import gumbel_argmax
 from rollout.engine.kernels.paged_decode_attention import paged_decode_attention
 from rollout.engine.models.layers import experts_forward
 
 
-def _cuda_ms(fn: Callable[[], object], iters: int = 50, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():  # CPU smoke run: the code paths, not the numbers
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop) / iters
+def _ms(fn: Callable[[], object], iters: int = 50) -> float:
+    """Milliseconds per call on the GPU; on CPU a smoke run of the code paths, not a measurement."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return time_per_call(fn, device, iters if device.type == "cuda" else 1, warmup=5 if device.type == "cuda" else 1) * 1e3
 
 
 def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
@@ -91,8 +80,8 @@ def attention_case(batch: int, context: int, heads: int, kv_heads: int, head_dim
     out = paged_decode_attention(q, k_pool, v_pool, table, lens)
     return dict(
         rel_err=((out.float() - ref.float()).norm() / ref.float().norm()).item(),
-        gather_sdpa_ms=_cuda_ms(lambda: gather_sdpa_attention(q, k_pool, v_pool, table, lens)),
-        paged_kernel_ms=_cuda_ms(lambda: paged_decode_attention(q, k_pool, v_pool, table, lens)),
+        gather_sdpa_ms=_ms(lambda: gather_sdpa_attention(q, k_pool, v_pool, table, lens)),
+        paged_kernel_ms=_ms(lambda: paged_decode_attention(q, k_pool, v_pool, table, lens)),
         kv_bytes_read=2 * int(lens.sum()) * kv_heads * head_dim * 2,
     )
 
@@ -107,11 +96,11 @@ def experts_case(batch: int, num_experts: int, top_k: int, hidden: int, inter: i
     args = (x, top_ids, top_w, gate_up, down)
     result = dict(
         weight_bytes=(gate_up.numel() + down.numel()) * 2,
-        bincount_eager_ms=_cuda_ms(lambda: bincount_experts(*args)),
-        engine_eager_ms=_cuda_ms(lambda: experts_forward(*args)),
+        bincount_eager_ms=_ms(lambda: bincount_experts(*args)),
+        engine_eager_ms=_ms(lambda: experts_forward(*args)),
     )
     if dev == "cuda":
-        result["engine_graph_ms"] = _cuda_ms(_graphed(lambda: experts_forward(*args)))
+        result["engine_graph_ms"] = _ms(_graphed(lambda: experts_forward(*args)))
     return result
 
 
@@ -131,8 +120,8 @@ def sampling_case(batch: int, vocab: int, dev: str) -> dict:
     return dict(
         # rows may differ where the torch noise rounds to u == 1.0 (+inf Gumbel; the kernel clamps u below 1)
         differing_rows=int((torch_pick() != gumbel_argmax(candidates, seeds, positions, greedy)).sum()),
-        torch_ms=_cuda_ms(torch_pick, iters=20),
-        fused_ms=_cuda_ms(lambda: gumbel_argmax(candidates, seeds, positions, greedy), iters=20),
+        torch_ms=_ms(torch_pick, iters=20),
+        fused_ms=_ms(lambda: gumbel_argmax(candidates, seeds, positions, greedy), iters=20),
     )
 
 
