@@ -155,7 +155,8 @@ def _decode_logprobs(meta: Mapping[str, Any], output_ids: list[int]) -> list[flo
         raise ValueError(f"output_token_logprobs has {n} entries for {len(output_ids)} output tokens")
     logprobs = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, list) or len(entry) < 2 or not isinstance(entry[0], (int, float)):
+        # over HTTP each entry is a JSON list; the in-process sglang.Engine hands back tuples
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not isinstance(entry[0], (int, float)):
             raise ValueError(f"output_token_logprobs[{i}] = {entry!r} is not [logprob, token_id, text]")
         if entry[1] != output_ids[i]:
             raise ValueError(

@@ -69,6 +69,16 @@ def test_every_recorded_reply_decodes(recorded, spec):
         assert routes.to_sglang(spec.num_hidden_layers) == reply["meta_info"]["routed_experts"]
 
 
+def test_in_process_engine_tuples_decode_like_http_lists(recorded, spec):
+    """sglang.Engine.generate (0.5.17, seen on an H100) gives (logprob, token_id, None) tuples, not JSON lists."""
+    case = copy.deepcopy(recorded["cases"][0])
+    meta = case["reply"]["meta_info"]
+    meta["output_token_logprobs"] = [tuple(e) for e in meta["output_token_logprobs"]]
+    got, want = _decode(case, spec), _decode(recorded["cases"][0], spec)
+    assert got.output_ids == want.output_ids and got.output_logprobs == want.output_logprobs
+    assert got.routed_experts == want.routed_experts
+
+
 def test_start_len_reply_holds_exactly_the_tail_rows(recorded, spec):
     full = _decode(recorded["cases"][CASE_PREFIX_CACHED], spec)
     tail = _decode(recorded["cases"][CASE_START_LEN], spec)
