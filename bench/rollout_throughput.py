@@ -35,9 +35,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.sglang_offline import RESULT_PREFIX
+from bench.sglang_offline import RESULT_PREFIX, parse_option
 from bench.roofline import checkpoint_weight_bytes, copy_bandwidth, decode_roofline_tok_s, device_name
 from rollout.atomic import atomic_write_text
+from rollout.engine.config import DTYPES
+from rollout.moe_spec import read_config
 
 QUICK_PRESET = "tiny-qwen3-moe"
 MIN_KV_SLOTS = 65536  # the engine's default pool
@@ -224,16 +226,6 @@ def ratios(measurements: list[Measurement], batches: list[int]) -> dict[str, dic
     return out
 
 
-def _parse_option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"engine option {text!r} is not KEY=VALUE")
-    key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint directory (default with --quick: a fresh tiny-qwen3-moe)")
@@ -242,18 +234,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int)
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engines", default="builtin,transformers", help="comma list of builtin, transformers")
     p.add_argument("--modes", help="builtin modes as routes/overlap pairs, e.g. 'on/on,off/on' (default: all four)")
-    p.add_argument("--engine-option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--engine-option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="passed to RolloutWorker (value parsed as JSON when it parses), e.g. max_batch_tokens=8192")
     p.add_argument("--hf-experts", default="grouped_mm",
                    help="transformers experts_implementation (generate itself switches grouped_mm to batched_mm for decode on GPU)")
     p.add_argument("--sglang", action="store_true", help="also run real SGLang (bench.sglang_offline) in a child process")
     p.add_argument("--sglang-site", default="/tmp/sglang-site", help="unpacked SGLang site-packages (../shared/tools/sglang-on-gpu)")
-    p.add_argument("--sglang-option", type=_parse_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--sglang-option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="extra sglang.Engine keyword, e.g. mem_fraction_static=0.7")
     p.add_argument("--sglang-timeout", type=float, default=240.0, help="seconds per SGLang child process")
     p.add_argument("--bandwidth", type=float, help="copy bandwidth in TB/s; measured on --device when omitted")
@@ -301,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    vocab = read_config(args.model)["vocab_size"]
     weight_bytes = checkpoint_weight_bytes(args.model)
     bandwidth = args.bandwidth * 1e12 if args.bandwidth else copy_bandwidth(args.device)
     print(f"device: {device_name(args.device)}; weights {weight_bytes / 1e9:.2f} GB; "

@@ -22,7 +22,8 @@ RESULT_PREFIX = "RESULT "
 WARMUP_NEW_TOKENS = 4
 
 
-def _option(text: str) -> tuple[str, object]:
+def parse_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of an engine option (argparse type); VALUE is JSON when it parses, else the string."""
     key, sep, value = text.partition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"engine option {text!r} is not KEY=VALUE")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--routes", choices=["on", "off"], required=True)
     p.add_argument("--overlap", choices=["on", "off"], required=True)
-    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="extra sglang.Engine keyword (value parsed as JSON when it parses)")
     args = p.parse_args(argv)
     routes = args.routes == "on"

@@ -27,13 +27,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rollout.atomic import atomic_write_text
-from rollout.moe_spec import MoESpec
+from rollout.moe_spec import MoESpec, read_config
 from rollout.routed_experts import RoutedExperts
 from rollout.sglang.backend import SGLangBackend
 from rollout.sglang.http_client import HTTPClient
@@ -136,7 +135,7 @@ def _shape_ok(r: Rollout, spec: MoESpec) -> bool:
 
 def check(args: argparse.Namespace) -> dict[str, Any]:
     spec = MoESpec.from_pretrained(args.model)
-    vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
+    vocab = int(read_config(args.model)["vocab_size"])
     rng = np.random.default_rng(args.seed)
     prompts = _random_prompts(args.prompts, vocab, rng)
     greedy = SamplingParams(args.max_new_tokens, temperature=0)
@@ -225,7 +224,7 @@ def _compare_with_builtin(args: argparse.Namespace, prompts: list[list[int]], se
 
 def http_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Routes requested vs not, alternating for ``--rounds`` rounds so drift hits both; medians reported."""
-    vocab = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
+    vocab = int(read_config(args.model)["vocab_size"])
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(0, vocab, size=args.prompt_len).tolist() for _ in range(args.requests)]
     sampling = SamplingParams(args.max_new_tokens, temperature=1.0)

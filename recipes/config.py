@@ -20,12 +20,13 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from rollout.engine.config import DTYPES
+
 REPLAY_MODES = ("off", "r2", "r3")
 GUARD_MODES = ("off", "warn", "raise")
 INIT_MODES = ("preset", "unit-scale")
 ENGINES = ("builtin",)  # engine="sglang" needs a server URL: not runnable from a recipe yet
 PROMPT_SOURCES = ("synthetic", "jsonl")
-DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = r"cpu|cuda(:[0-9]+)?"
 
 

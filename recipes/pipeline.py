@@ -19,7 +19,7 @@ import numpy as np
 from recipes.config import Recipe, sampling_params, to_dict
 from recipes.report import Condition, build_report, rollout_stats, table, write_report
 from rollout.atomic import atomic_dir
-from rollout.moe_spec import MoESpec
+from rollout.moe_spec import MoESpec, read_config
 from rollout.rollout_file import model_fingerprint, save_rollouts
 from rollout.types import Rollout
 
@@ -76,7 +76,7 @@ def recipe_prompts(recipe: Recipe) -> list[list[int]]:
     if cfg.source == "jsonl":
         return read_prompts_jsonl(cfg.path, recipe.rollout.num_prompts)
     name = recipe.model.name
-    config = PRESETS[name] if name in PRESETS else json.loads((Path(name) / "config.json").read_text())
+    config = PRESETS[name] if name in PRESETS else read_config(name)
     return synthetic_prompts(recipe.rollout.num_prompts, cfg.length, int(config["vocab_size"]), cfg.seed)
 
 
@@ -165,12 +165,13 @@ def trainer_logprobs(model_dir: Path, recipe: Recipe, rollouts: Sequence[Rollout
 
     def forward(batch: Any) -> tuple[np.ndarray, np.ndarray]:
         """Response logprobs [B, R] and the ids the experts received [B, S, L, K]."""
+        input_ids = batch.input_ids.to(tr.device)
         with observe_expert_inputs(model, L) as seen:
-            logits = model(input_ids=batch.input_ids.to(tr.device), attention_mask=batch.attention_mask.to(tr.device),
+            logits = model(input_ids=input_ids, attention_mask=batch.attention_mask.to(tr.device),
                            position_ids=batch.position_ids.to(tr.device)).logits
         B, S = batch.input_ids.shape
         ids = torch.stack([s.reshape(B, S, -1) for s in seen], dim=2)
-        return token_logprobs(logits, batch.input_ids.to(tr.device)).float().cpu().numpy(), ids.numpy()
+        return token_logprobs(logits, input_ids).float().cpu().numpy(), ids.numpy()
 
     with torch.no_grad():
         for begin in range(0, len(rollouts), tr.micro_batch_size):

@@ -14,6 +14,15 @@ from typing import Any, Mapping
 from rollout.routed_experts import RoutedExperts
 
 
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """A checkpoint's ``config.json``, or a ``ValueError`` when the directory has none."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"no config.json in {str(model_dir)!r}: not an HF-format checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
 @dataclass(frozen=True)
 class MoESpec:
     model_type: str
@@ -46,12 +55,7 @@ class MoESpec:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "MoESpec":
-        path = os.path.join(model_dir, "config.json")
-        try:
-            with open(path) as f:
-                return cls.from_config(json.load(f))
-        except FileNotFoundError:
-            raise ValueError(f"no config.json in {model_dir!r}: not an HF-format checkpoint") from None
+        return cls.from_config(read_config(model_dir))
 
     def check(self, routes: RoutedExperts, what: str = "routes") -> None:
         """Raise ``ValueError`` if ``routes`` were not recorded on a model of this shape."""

@@ -119,15 +119,3 @@ def init_model(
         model.save_pretrained(tmp)
     return out
 
-
-def ensure_model(model: str, models_dir: str | os.PathLike = "models", seed: int = 0) -> Path:
-    """Resolve a preset name (made under ``models_dir`` if missing) or an existing checkpoint path."""
-    if model in PRESETS:
-        path = Path(models_dir) / model
-        if not (path / "config.json").exists():
-            init_model(model, path, seed=seed)
-        return path
-    path = Path(model)
-    if not (path / "config.json").exists():
-        raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint directory")
-    return path

@@ -205,13 +205,16 @@ class RoutedExperts:
         """int64 tensor ``[T, L, K]`` with ``-1`` for missing rows (the trainer_bridge convention)."""
         import torch
 
-        wide = self.ids.astype(np.int64)
-        wide[self.ids == self.sentinel] = -1
-        return torch.from_numpy(wide).to(device) if device is not None else torch.from_numpy(wide)
+        wide = torch.from_numpy(self._signed(np.int64))
+        return wide.to(device) if device is not None else wide
 
     def to_int32(self) -> np.ndarray:
         """int32 ``[T, L, K]`` with ``-1`` for missing rows."""
-        wide = self.ids.astype(np.int32)
+        return self._signed(np.int32)
+
+    def _signed(self, dtype: Any) -> np.ndarray:
+        """The ids widened to a signed ``dtype`` (a copy), the sentinel becoming ``-1``."""
+        wide = self.ids.astype(dtype)
         wide[self.ids == self.sentinel] = -1
         return wide
 
@@ -304,6 +307,8 @@ class RoutedExperts:
         with dense layers written as zeros. ``start`` is the request's
         ``routed_experts_start_len``.
         """
+        if num_hidden_layers < 1 or top_k < 1:
+            raise ValueError(f"num_hidden_layers and top_k must be >= 1, got {num_hidden_layers} and {top_k}")
         try:
             raw = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError) as exc:

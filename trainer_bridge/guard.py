@@ -72,8 +72,12 @@ class RoutingGuard:
             raise ValueError(f"guard must be one of {GUARD_MODES}, got {self.mode!r}")
         if self.threshold is None:
             self.threshold = default_threshold(self.top_k, self.num_experts)
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"guard_threshold must be in [0, 1], got {self.threshold}")
+        try:
+            in_range = 0.0 <= self.threshold <= 1.0
+        except TypeError:  # not a number: the same clear error as one out of range
+            in_range = False
+        if not in_range:
+            raise ValueError(f"guard_threshold must be in [0, 1], got {self.threshold!r}")
 
     def update(self, row: int, native: torch.Tensor, replayed: torch.Tensor, routed: torch.Tensor) -> None:
         """Add the routed rows (``routed`` mask ``[N]``) of MoE layer ``row``; ``"off"`` measures nothing."""

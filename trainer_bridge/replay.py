@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from torch import nn
 from rollout.moe_spec import MoESpec
 from rollout.routed_experts import RoutedExperts
 from trainer_bridge.guard import RoutingGuard
-from trainer_bridge.routers import MoEBlock, TopK, intercept_selection, moe_blocks_of
+from trainer_bridge.routers import MoEBlock, SelectFn, TopK, intercept_selection, moe_blocks_of
 
 Routes = Union[torch.Tensor, RoutedExperts, Sequence[RoutedExperts]]
 NO_ROUTE = -1
@@ -101,6 +101,27 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextlib.contextmanager
+def _intercepting(
+    model: nn.Module,
+    blocks: list[MoEBlock],
+    spec: MoESpec,
+    select: SelectFn,
+    pre: Callable[..., None],
+    post: Callable[..., None] | None = None,
+) -> Iterator[None]:
+    """``select`` patched into every block, ``pre``/``post`` hooked (with kwargs) on the whole model, all undone on exit."""
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True)]
+    if post is not None:
+        handles.append(model.register_forward_hook(post, with_kwargs=True))
+    try:
+        with intercept_selection(blocks, spec, select):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @dataclass
 class ReplaySession:
     """What a :func:`replay` context exposes: the guard's per-layer overlap of the last forward."""
@@ -161,14 +182,8 @@ def replay(
     def judge(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         session.guard.check()
 
-    pre = model.register_forward_pre_hook(bind, with_kwargs=True)
-    post = model.register_forward_hook(judge, with_kwargs=True)
-    try:
-        with intercept_selection(blocks, spec, session._select):
-            yield session
-    finally:
-        pre.remove()
-        post.remove()
+    with _intercepting(model, blocks, spec, session._select, bind, judge):
+        yield session
 
 
 @dataclass
@@ -202,9 +217,5 @@ def record(model: nn.Module) -> Iterator[Recording]:
         recording.token_shape = _token_shape(args, kwargs)
         recording._layers.clear()
 
-    pre = model.register_forward_pre_hook(start, with_kwargs=True)
-    try:
-        with intercept_selection(blocks, spec, recording._select):
-            yield recording
-    finally:
-        pre.remove()
+    with _intercepting(model, blocks, spec, recording._select, start):
+        yield recording

@@ -12,6 +12,7 @@ import argparse
 import signal
 import sys
 
+from rollout.engine.config import DTYPES
 from rollout.serve.server import DEFAULT_REQUEST_TIMEOUT_S, LOOPBACK, open_server
 
 DEFAULT_PORT = 30000  # SGLang's default
@@ -25,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request but /health")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument(
         "--no-capture", action="store_true",
         help="do not record routed experts (like SGLang without --enable-return-routed-experts)",

@@ -28,15 +28,12 @@ from rollout.engine.cuda_graph import DecodeGraphs
 from rollout.engine.kvcache import KVPool, PrefixCache, RequestTable, SlotAllocator
 from rollout.engine.models import arch_from_config
 from rollout.engine.models.layers import triton_decode_attention
-from rollout.engine.models.loader import read_config
 from rollout.engine.models.model import MoEModel
 from rollout.engine.sampler import sample
 from rollout.engine.scheduler import BLOCKED, Batch, Request, Scheduler
-from rollout.moe_spec import MoESpec
+from rollout.moe_spec import MoESpec, read_config
 from rollout.routed_experts import RoutedExperts
 from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -61,7 +58,7 @@ class Engine:
         self.device = torch.device(self.config.device)
         self.max_context = self.config.context_limit(arch.max_positions)
         decode_attention = triton_decode_attention if self.config.attention_backend == "triton" else None
-        self.model = MoEModel(model_path, self.device, _DTYPES[self.config.dtype], self.max_context, decode_attention)
+        self.model = MoEModel(model_path, self.device, getattr(torch, self.config.dtype), self.max_context, decode_attention)
         a = self.model.arch
         self.kv = KVPool(a.num_layers, self.config.kv_slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.device)
         self.slots = SlotAllocator(self.config.kv_slots)

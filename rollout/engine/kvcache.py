@@ -2,8 +2,8 @@
 
 A *slot* holds one token's K and V for every layer, and is also the index of that
 token's routes in the capture host cache, so whatever reuses a slot's KV (the
-prefix cache) reuses its routes too. Slot 0 is never handed out: padded tokens
-(a future CUDA-graph runner) write there harmlessly.
+prefix cache) reuses its routes too. Slot 0 (``PAD_SLOT``) is never handed out: the padded
+rows of a CUDA-graph decode batch (``cuda_graph.py``) write there harmlessly.
 """
 
 from __future__ import annotations

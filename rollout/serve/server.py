@@ -22,7 +22,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
-from rollout.moe_spec import MoESpec
+from rollout.moe_spec import MoESpec, read_config
 from rollout.serve.engine_loop import EngineLoop, StepEngine
 from rollout.sglang.protocol import (
     DEFAULT_WEIGHT_VERSION,
@@ -75,8 +75,7 @@ class R3Server:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     ) -> None:
         self.model_path = str(model_path)
-        with open(os.path.join(self.model_path, "config.json")) as f:
-            self.config: dict[str, Any] = json.load(f)
+        self.config: dict[str, Any] = read_config(self.model_path)
         self.spec = MoESpec.from_config(self.config)
         self.vocab_size = int(self.config["vocab_size"])
         self.max_seq_len = int(engine.max_context)

@@ -57,6 +57,7 @@ _SAMPLING_KEYS = {
     "stop_token_ids": "stop_token_ids",
     "seed": "sampling_seed",
 }
+_SAMPLING_FIELDS = {theirs: ours for ours, theirs in _SAMPLING_KEYS.items()}  # the inverse, for parsing requests
 # SGLang sampling keys r3 serve accepts but that change nothing without a tokenizer.
 _INERT_SAMPLING_KEYS = frozenset({"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
 # Top-level GenerateReqInput keys r3 serve accepts only at their SGLang default.
@@ -281,13 +282,12 @@ def sampling_from_sglang(params: Any) -> SamplingParams:
     """SGLang ``sampling_params`` -> ``SamplingParams``; unknown or mistyped keys are refused by name."""
     if not isinstance(params, dict):
         raise ValueError(f"sampling_params must be an object, got {type(params).__name__}")
-    ours = {v: k for k, v in _SAMPLING_KEYS.items()}
-    unknown = sorted(set(params) - set(ours) - _INERT_SAMPLING_KEYS)
+    unknown = sorted(set(params) - set(_SAMPLING_FIELDS) - _INERT_SAMPLING_KEYS)
     if unknown:
-        raise ValueError(f"unsupported sampling_params {unknown}; supported: {sorted(ours)}")
+        raise ValueError(f"unsupported sampling_params {unknown}; supported: {sorted(_SAMPLING_FIELDS)}")
     if "max_new_tokens" not in params:
         raise ValueError("sampling_params.max_new_tokens is required")
-    kwargs = {ours[k]: v for k, v in params.items() if k in ours and v is not None}
+    kwargs = {_SAMPLING_FIELDS[k]: v for k, v in params.items() if k in _SAMPLING_FIELDS and v is not None}
     for key in ("temperature", "top_p"):
         if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], (int, float))):
             raise ValueError(f"sampling_params.{key} must be a number, got {kwargs[key]!r}")

@@ -8,7 +8,6 @@ layout (``experts.gate_up_proj``) is read as is.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors import safe_open
 
 from rollout.engine.models import arch_from_config
 from rollout.engine.models.arch import ModelArch
+from rollout.moe_spec import read_config
 
 
 @dataclass
@@ -43,13 +43,6 @@ class ModelWeights:
     final_norm: torch.Tensor
     lm_head: torch.Tensor
     layers: list[LayerWeights]
-
-
-def read_config(model_dir: str | os.PathLike) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
-        raise ValueError(f"no config.json in {str(model_dir)!r}: not an HF-format checkpoint")
-    return json.loads(path.read_text())
 
 
 class _Tensors:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -233,19 +232,14 @@ def test_bad_routes_fail_before_the_first_forward(r3_worker, spec, corrupt, mess
     assert probe.calls == 0
 
 
-SGLANG_FIXTURE = Path(__file__).resolve().parents[3] / ".." / "shared" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
-
-
-def test_real_sglang_routes_replay_exactly_through_verl():
+def test_real_sglang_routes_replay_exactly_through_verl(sglang_fixture):
     """SGLang 0.5.17's own routes for its own checkpoint: every routed row replays, and the guard stays quiet."""
-    if not (SGLANG_FIXTURE / "replies.json").exists():
-        pytest.skip(f"SGLang fixture not found at {SGLANG_FIXTURE}")
     from rollout.sglang.protocol import decode_reply
 
-    spec = MoESpec.from_pretrained(SGLANG_FIXTURE)
-    cases = json.loads((SGLANG_FIXTURE / "replies.json").read_text())["cases"][:8]
+    spec = MoESpec.from_pretrained(sglang_fixture)
+    cases = json.loads((sglang_fixture / "replies.json").read_text())["cases"][:8]
     rollouts = [decode_reply(c["reply"], c["request"]["input_ids"], spec) for c in cases]
-    worker = vh.make_worker(str(SGLANG_FIXTURE.resolve()), "R3", micro_batch=len(rollouts), gradient_checkpointing=False)
+    worker = vh.make_worker(str(sglang_fixture.resolve()), "R3", micro_batch=len(rollouts), gradient_checkpointing=False)
     fields = rollouts_to_verl_fields(rollouts, spec)
     _, _, probe, caught = run_old_logprob(worker, fields)
 

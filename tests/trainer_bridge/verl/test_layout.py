@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,6 @@ from rollout.presets import make_config
 from rollout.routed_experts import RoutedExperts
 from rollout.types import FINISH_LENGTH, Rollout
 from trainer_bridge.verl import check_verl_routes, rollouts_to_verl_fields, routes_from_nested, routes_from_padded
-
-SGLANG_FIXTURE = Path(__file__).resolve().parents[3] / ".." / "shared" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
 
 
 @pytest.fixture
@@ -125,14 +122,12 @@ def test_mixed_rollouts_with_and_without_routes_are_refused(qwen3):
     assert "routed_experts" not in rollouts_to_verl_fields([without], qwen3)
 
 
-def test_real_sglang_routes_land_where_verls_agent_loop_puts_them():
+def test_real_sglang_routes_land_where_verls_agent_loop_puts_them(sglang_fixture):
     """The SGLang 0.5.17 replies, through this project's decoder and the helper, equal verl's placement of the raw array."""
-    if not (SGLANG_FIXTURE / "replies.json").exists():
-        pytest.skip(f"SGLang fixture not found at {SGLANG_FIXTURE}")
     from rollout.sglang.protocol import decode_reply
 
-    spec = MoESpec.from_pretrained(SGLANG_FIXTURE)
-    cases = json.loads((SGLANG_FIXTURE / "replies.json").read_text())["cases"][:8]
+    spec = MoESpec.from_pretrained(sglang_fixture)
+    cases = json.loads((sglang_fixture / "replies.json").read_text())["cases"][:8]
     rollouts = [decode_reply(c["reply"], c["request"]["input_ids"], spec) for c in cases]
     prompt_width = max(len(r.prompt_ids) for r in rollouts)
     response_width = max(len(r.output_ids) for r in rollouts)
