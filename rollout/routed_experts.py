@@ -342,6 +342,8 @@ class RoutedExperts:
     @classmethod
     def _from_full_layers(cls, arr, num_experts, num_hidden_layers, moe_layers, start, source) -> "RoutedExperts":
         layers = list(range(num_hidden_layers)) if moe_layers is None else list(moe_layers)
+        if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in layers):
+            raise ValueError(f"moe_layers must be layer indices (integers), got {layers}")
         if layers and (min(layers) < 0 or max(layers) >= num_hidden_layers):
             raise ValueError(f"moe_layers {layers} outside the {source} array's {num_hidden_layers} layers")
         return cls(arr[:, layers, :], num_experts, layers, start)

@@ -3,17 +3,21 @@
 The built-in engine runs in-process; ``engine="sglang"`` talks to an SGLang server
 through ``rollout.sglang.backend.SGLangBackend`` (imported lazily so the built-in
 path needs neither it nor an HTTP client). Both return ``Rollout`` objects with
-``RoutedExperts`` routes.
+``RoutedExperts`` routes. With SGLang, ``device``, ``dtype`` and ``overlap`` are the
+server's own launch settings, so they are not taken here: passing a non-default value
+raises rather than being silently ignored.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
 from rollout.types import Rollout, SamplingParams
 
 ENGINES = ("builtin", "sglang")
+_BUILTIN_ONLY = ("device", "dtype", "overlap")  # SGLang takes these at server launch
 
 
 class RolloutWorker:
@@ -38,6 +42,14 @@ class RolloutWorker:
             )
         elif engine == "sglang":
             from rollout.sglang.backend import SGLangBackend
+
+            defaults = inspect.signature(RolloutWorker.__init__).parameters
+            given = {"device": device, "dtype": dtype, "overlap": overlap}
+            ignored = [k for k in _BUILTIN_ONLY if given[k] != defaults[k].default]
+            if ignored:
+                raise ValueError(
+                    f"engine='sglang' does not take {ignored}: set them when launching the SGLang server"
+                )
 
             self._backend = SGLangBackend(model_path=model_path, return_routed_experts=return_routed_experts, **engine_options)
         else:

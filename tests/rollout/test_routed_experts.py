@@ -205,6 +205,10 @@ def test_sglang_errors_are_named():
         RoutedExperts.from_sglang(good, num_experts=8, num_hidden_layers=2, top_k=2, num_tokens=4)
     with pytest.raises(ValueError, match="base64"):
         RoutedExperts.from_sglang("%%%", num_experts=8, num_hidden_layers=2, top_k=2)
+    with pytest.raises(ValueError, match="outside"):
+        RoutedExperts.from_sglang(good, num_experts=8, num_hidden_layers=2, top_k=2, moe_layers=[1, 2])
+    with pytest.raises(ValueError, match="integers"):
+        RoutedExperts.from_vllm(np.zeros((1, 2, 2), np.int32), num_experts=8, moe_layers=[0.5])
     # zeros everywhere are duplicate ids within a row: SGLang's dense-layer zeros must be dropped via moe_layers
     with pytest.raises(ValueError, match="duplicate"):
         RoutedExperts.from_sglang(good, num_experts=8, num_hidden_layers=2, top_k=2)

@@ -299,3 +299,9 @@ def test_rollout_worker_dispatches_to_the_sglang_backend(server, backend):
     assert [len(g.output_ids) for g in got] == [6, 4]
     assert [g.output_ids for g in got] == [x.output_ids for x in want]
     assert [g.routed_experts for g in got] == [x.routed_experts for x in want]
+
+
+def test_rollout_worker_refuses_builtin_only_settings_for_sglang(server):
+    """device/dtype/overlap are the SGLang server's launch settings: refused, not silently dropped."""
+    with pytest.raises(ValueError, match=r"does not take \['device', 'overlap'\]"):
+        RolloutWorker(engine="sglang", url=server.url, device="cuda", overlap=False)
