@@ -322,7 +322,11 @@ class RoutedExperts:
         flat = np.frombuffer(raw, dtype="<i4").reshape(-1, num_hidden_layers, top_k)
         if num_tokens is not None and flat.shape[0] != num_tokens:
             raise ValueError(f"SGLang routed_experts has {flat.shape[0]} rows, expected {num_tokens}")
-        return cls._from_full_layers(flat, num_experts, num_hidden_layers, moe_layers, start, "SGLang")
+        routes = cls._from_full_layers(flat, num_experts, num_hidden_layers, moe_layers, start, "SGLang")
+        dense = [i for i in range(num_hidden_layers) if i not in routes.moe_layers]
+        if dense and flat[:, dense, :].any():  # SGLang writes zeros there: this layer table is not the server's
+            raise ValueError(f"SGLang routed_experts has non-zero ids in layers {dense}, which moe_layers says are dense")
+        return routes
 
     @classmethod
     def from_vllm(

@@ -92,11 +92,17 @@ class Engine:
     # ------------------------------------------------------------------ API
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams, start_len: int = 0) -> int:
         """Validate and queue one request; a bad one raises here and never touches the batch."""
+        return self._enqueue(*self._validated(prompt_ids, sampling, start_len))
+
+    def _validated(self, prompt_ids: object, sampling: object, start_len: object) -> tuple[list[int], SamplingParams, int]:
         prompt = self._check_prompt(prompt_ids)
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         if isinstance(start_len, bool) or not isinstance(start_len, int) or not 0 <= start_len <= len(prompt):
             raise ValueError(f"start_len must be an integer in [0, len(prompt)={len(prompt)}], got {start_len!r}")
+        return prompt, sampling, start_len
+
+    def _enqueue(self, prompt: list[int], sampling: SamplingParams, start_len: int) -> int:
         rid = self._next_rid
         self._next_rid += 1
         seed = sampling.seed if sampling.seed is not None else self._seed_rng.getrandbits(63)
@@ -141,20 +147,21 @@ class Engine:
     ) -> list[Rollout]:
         """Run ``prompts`` to completion (with whatever else is queued); results in prompt order.
 
-        Every prompt is validated before any is queued, so one bad prompt raises
-        without leaving half a batch behind.
+        Every request (prompt, sampling, start_len) is validated before any is queued,
+        so one bad request raises without leaving half a batch behind.
         """
         n = len(prompts)
         samplings = sampling if isinstance(sampling, list) else [sampling] * n
         starts = start_len if isinstance(start_len, list) else [start_len] * n
         if len(samplings) != n or len(starts) != n:
             raise ValueError(f"got {n} prompts but {len(samplings)} sampling params and {len(starts)} start_len values")
-        for i, p in enumerate(prompts):
+        checked = []
+        for i, request in enumerate(zip(prompts, samplings, starts)):
             try:
-                self._check_prompt(p)
+                checked.append(self._validated(*request))
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from None
-        rids = [self.add_request(p, s, st) for p, s, st in zip(prompts, samplings, starts)]
+        rids = [self._enqueue(*request) for request in checked]
         wanted, done, others = set(rids), {}, []
         while wanted - done.keys():
             if not self.scheduler.has_work() and self._in_flight is None:

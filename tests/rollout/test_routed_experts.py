@@ -212,3 +212,16 @@ def test_sglang_errors_are_named():
     # zeros everywhere are duplicate ids within a row: SGLang's dense-layer zeros must be dropped via moe_layers
     with pytest.raises(ValueError, match="duplicate"):
         RoutedExperts.from_sglang(good, num_experts=8, num_hidden_layers=2, top_k=2)
+
+
+def test_sglang_dense_layers_must_be_zero():
+    """SGLang writes zeros for dense layers; anything else means the layer table is not the server's."""
+    full = np.zeros((2, 3, 2), "<i4")
+    full[:, 1] = [[0, 1], [2, 3]]
+    b64 = base64.b64encode(full.tobytes()).decode()
+    routes = RoutedExperts.from_sglang(b64, num_experts=8, num_hidden_layers=3, top_k=2, moe_layers=[1])
+    assert routes.ids[:, 0].tolist() == [[0, 1], [2, 3]]
+    full[1, 2] = [4, 5]
+    with pytest.raises(ValueError, match=r"non-zero ids in layers \[0, 2\]"):
+        RoutedExperts.from_sglang(base64.b64encode(full.tobytes()).decode(), num_experts=8, num_hidden_layers=3,
+                                  top_k=2, moe_layers=[1])

@@ -205,3 +205,11 @@ def test_progress_streams_the_tokens_of_a_running_request(qwen3_dir):
             seen.append(len(so_far[0]))
     assert seen == sorted(seen) and 0 < seen[-1] < 5  # grew step by step before the finish
     assert engine.progress(rid) is None and len(done[rid].output_ids) == 5
+
+
+def test_generate_validates_every_request_before_queueing_any(qwen3_dir):
+    engine = Engine(qwen3_dir)
+    greedy = SamplingParams(max_new_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match="prompt 1: start_len"):
+        engine.generate([[1, 2, 3], [4, 5]], greedy, start_len=[0, 9])
+    assert not engine.has_unfinished()  # prompt 0 was not left queued
