@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,13 @@ import torch
 
 # Tiny models: a second intra-op thread only contends for the two cores CI has.
 torch.set_num_threads(1)
+
+# Without a GPU the Triton kernels run in Triton's interpreter. ``triton.jit`` reads this at
+# decoration time, so it is set here, before any test module imports a kernel (directly or
+# through the engine); a per-directory conftest is too late when another directory's tests
+# import the engine first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SGLANG_FIXTURE = REPO.parent / "shared" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
