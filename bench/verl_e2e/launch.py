@@ -4,7 +4,8 @@
 composes exactly these overrides through verl's Hydra config on CPU, so a typo
 fails there and not on the GPU.
 
-Usage: ``python3 bench/verl_e2e/launch.py --mode {R3,off} --model DIR --data DIR --out DIR [--timeout S]``.
+Usage: ``python3 bench/verl_e2e/launch.py --mode {R3,off} --model DIR --data DIR --out DIR [--timeout S] [-- KEY=VALUE ...]``
+(the trailing Hydra overrides go last, after the run's own).
 Writes ``OUT/main_ppo.log`` (everything verl prints) and ``OUT/metrics.jsonl`` (verl's file
 logger: one ``{"step", "data"}`` line per training step).
 """
@@ -45,6 +46,7 @@ def overrides(mode: str, model: str | os.PathLike, data: str | os.PathLike, out:
         f"actor_rollout_ref.actor.fsdp_config.router_replay.mode={MODES[mode]}",
         f"trainer.experiment_name=e2e-tiny-qwen3-moe-{mode}",
         f"trainer.default_local_dir={Path(out).resolve() / 'checkpoints'}",
+        f"hydra.run.dir={Path(out).resolve() / 'hydra'}",  # not ./outputs/ in the repository
         f"trainer.use_v1={'true' if trainer == 'v1' else 'false'}",
         # No network and no browser: Ray's dashboard is not started.
         "+ray_kwargs.ray_init.include_dashboard=false",
@@ -52,11 +54,14 @@ def overrides(mode: str, model: str | os.PathLike, data: str | os.PathLike, out:
     ]
 
 
-def command(mode: str, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, trainer: str = "v1") -> list[str]:
+def command(
+    mode: str, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, trainer: str = "v1",
+    extra: list[str] | tuple[str, ...] = (),
+) -> list[str]:
     return [
         sys.executable, "-m", "verl.trainer.main_ppo",
         f"--config-path={RECIPE_DIR}", f"--config-name={RECIPE}",
-        *overrides(mode, model, data, out, trainer),
+        *overrides(mode, model, data, out, trainer), *extra,
     ]  # fmt: skip
 
 
@@ -73,10 +78,10 @@ def environment(out: str | os.PathLike) -> dict[str, str]:
     return env
 
 
-def run(mode: str, model: str, data: str, out: str, trainer: str, timeout: float | None) -> int:
+def run(mode: str, model: str, data: str, out: str, trainer: str, timeout: float | None, extra: list[str]) -> int:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = command(mode, model, data, out_dir, trainer)
+    cmd = command(mode, model, data, out_dir, trainer, extra)
     with open(out_dir / LOG_NAME, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
@@ -110,8 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--trainer", default="v1", choices=TRAINERS)
     parser.add_argument("--timeout", type=float, default=None, help="seconds before main_ppo is stopped")
+    parser.add_argument("extra", nargs="*", help="more Hydra overrides, after --")
     args = parser.parse_args(argv)
-    sys.exit(run(args.mode, args.model, args.data, args.out, args.trainer, args.timeout))
+    # A SIGTERM to this launcher still stops the run's session (the ``finally`` in ``run``).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    sys.exit(run(args.mode, args.model, args.data, args.out, args.trainer, args.timeout, args.extra))
 
 
 if __name__ == "__main__":
