@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,10 @@ REWARD = REPO / "bench" / "verl_e2e" / "reward.py"
 MODES = {"R3": "R3", "off": "disabled"}
 TRAINERS = ("v1", "legacy")  # verl 0.9.1's default TransferQueue trainer, or RayPPOTrainer (trainer.use_v1=false)
 LOG_NAME, METRICS_NAME = "main_ppo.log", "metrics.jsonl"
+
+
+def scratch_dir(mode: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"verl-e2e-scratch-{mode}"
 
 
 def overrides(mode: str, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, trainer: str = "v1") -> list[str]:
@@ -45,8 +50,9 @@ def overrides(mode: str, model: str | os.PathLike, data: str | os.PathLike, out:
         f"reward.custom_reward_function.path={REWARD}",
         f"actor_rollout_ref.actor.fsdp_config.router_replay.mode={MODES[mode]}",
         f"trainer.experiment_name=e2e-tiny-qwen3-moe-{mode}",
-        f"trainer.default_local_dir={Path(out).resolve() / 'checkpoints'}",
-        f"hydra.run.dir={Path(out).resolve() / 'hydra'}",  # not ./outputs/ in the repository
+        # Hydra's job files and verl's checkpoint folder go to scratch, not to ./outputs/ nor to OUT (few files come back).
+        f"trainer.default_local_dir={scratch_dir(mode) / 'checkpoints'}",
+        f"hydra.run.dir={scratch_dir(mode) / 'hydra'}",
         f"trainer.use_v1={'true' if trainer == 'v1' else 'false'}",
         # No network and no browser: Ray's dashboard is not started.
         "+ray_kwargs.ray_init.include_dashboard=false",

@@ -22,7 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.verl_e2e.launch import LOG_NAME, METRICS_NAME, MODES  # noqa: E402
-from trainer_bridge.verl.plugin import AGREEMENT_METRIC, LOG_PREFIX, MISMATCHED_ROWS_METRIC, REPLAYED_ROWS_METRIC  # noqa: E402
+from trainer_bridge.verl.plugin import (  # noqa: E402
+    AGREEMENT_METRIC,
+    LOG_PREFIX,
+    MISMATCHED_ROWS_METRIC,
+    OLD_LOGPROB_PASS,
+    REPLAYED_ROWS_METRIC,
+    UPDATE_PASS,
+)
 
 ACTOR = "actor/"  # verl prefixes the engine's update metrics with this
 K3 = "rollout_corr/k3_kl"
@@ -33,7 +40,7 @@ METRICS = (
     REPLAYED, MISMATCHED, AGREEMENT, "actor/ppo_kl", "actor/pg_clipfrac", "critic/score/mean",
     "response_length/mean", "timing_s/step",
 )  # fmt: skip
-ARRIVAL = re.compile(re.escape(LOG_PREFIX) + r": routed_experts reached the actor \((update pass|old-logprob pass)")
+ARRIVAL = re.compile(re.escape(LOG_PREFIX) + rf": routed_experts reached the actor \(({UPDATE_PASS}|{OLD_LOGPROB_PASS})")
 MIN_STEPS = 3
 
 
@@ -53,7 +60,7 @@ def read_steps(path: Path) -> list[dict]:
 
 
 def read_arrivals(path: Path) -> dict[str, int]:
-    counts = {"update pass": 0, "old-logprob pass": 0}
+    counts = {UPDATE_PASS: 0, OLD_LOGPROB_PASS: 0}
     if path.is_file():
         with open(path, errors="replace") as log:
             for line in log:
@@ -75,7 +82,7 @@ def checks(runs: dict[str, dict]) -> dict[str, bool]:
         "both runs completed": all(run["returncode"] == 0 for run in runs.values()),
         f"at least {MIN_STEPS} steps each": len(r3) >= MIN_STEPS and len(off) >= MIN_STEPS,
         "routed_experts reached the actor in every update step (both runs)": all(
-            run["arrivals"]["update pass"] >= len(run["steps"]) > 0 for run in runs.values()
+            run["arrivals"][UPDATE_PASS] >= len(run["steps"]) > 0 for run in runs.values()
         ),
         "R3 replayed rows in every step": bool(r3) and all(finite(s[REPLAYED]) and s[REPLAYED] > 0 for s in r3),
         "replay agreement 100% on replayed rows": bool(r3) and all(s[MISMATCHED] == 0 for s in r3),

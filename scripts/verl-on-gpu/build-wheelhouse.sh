@@ -43,6 +43,9 @@ python3 -m pip install -q --no-deps --no-compile --target "$work/site" "${plat[@
 # Parts of Ray verl never loads: Java workers (ray/jars), the dashboard's browser bundle (its Python backend
 # stays), RLlib. About 45 MB unpacked.
 rm -rf "$work/site/ray/jars" "$work/site/ray/dashboard/client/build" "$work/site/ray/rllib"
+# verl's and TransferQueue's wheels also install their own repositories' top-level tests/, scripts/, recipe/ and
+# tutorial/ packages, which nothing imports at run time; on PYTHONPATH they would shadow a checkout's folders.
+rm -rf "$work/site/tests" "$work/site/scripts" "$work/site/recipe" "$work/site/tutorial"
 find "$work/site" -name __pycache__ -type d -prune -exec rm -rf {} +
 mkdir -p "$out"
 rm -f "$out"/part.*

@@ -73,6 +73,7 @@ REPLAYED_ROWS_METRIC = "r3/replayed_rows"
 MISMATCHED_ROWS_METRIC = "r3/mismatched_rows"
 AGREEMENT_METRIC = "r3/router_agreement"
 LOG_PREFIX = "R3 plugin"
+UPDATE_PASS, OLD_LOGPROB_PASS = "update pass", "old-logprob pass"
 
 logger = logging.getLogger(__name__)
 logger.setLevel(logging.INFO)  # verl configures the root handler at WARNING; these lines are the run's evidence
@@ -165,7 +166,7 @@ def replay_mode(engine: FSDPEngineWithLMHead) -> str:
 
 
 def _pass_name(forward_only: bool) -> str:
-    return "old-logprob pass" if forward_only else "update pass"
+    return OLD_LOGPROB_PASS if forward_only else UPDATE_PASS
 
 
 def batch_action(engine: FSDPEngineWithLMHead, data: TensorDict, forward_only: bool) -> BatchScope | None:
@@ -175,10 +176,7 @@ def batch_action(engine: FSDPEngineWithLMHead, data: TensorDict, forward_only: b
         return None
     if mode not in REPLAY_MODES:
         if ROUTES_FIELD in data.keys():
-            logger.info(
-                f"{LOG_PREFIX}: {ROUTES_FIELD} reached the actor ({_pass_name(forward_only)}, {data.batch_size[0]} "
-                f"sequences); {MODE_KEY}={mode}: routing natively"
-            )
+            logger.info(native_line(_pass_name(forward_only), data.batch_size[0], mode))
         return None
     # verl's own per-call switch (set False for the reference pass by workers that honour router replay).
     if tu.get_non_tensor_data(data=data, key="enable_routing_replay", default=True) is False:
@@ -214,16 +212,21 @@ def replay_metrics(tally: ReplayTally) -> dict[str, Metric]:
     return {name: Metric(aggregation, value) for name, (aggregation, value) in values.items()}
 
 
-def _log_replay(scope: BatchScope, data: TensorDict, forward_only: bool) -> None:
-    tally = scope.tally
+def replay_line(pass_name: str, sequences: int, tally: ReplayTally) -> str:
+    """The log line of a replaying pass (``bench/verl_e2e/report.py`` counts them)."""
     match = "not measurable on this model" if tally.match is None else f"{tally.match:.2%} reached the experts as given"
     agreement = "n/a" if tally.agreement is None else f"{tally.agreement:.2%}"
-    logger.info(
-        f"{LOG_PREFIX}: {ROUTES_FIELD} reached the actor ({_pass_name(forward_only)}, {data.batch_size[0]} sequences, "
-        f"{len(tally.counts)} micro-batch{'es' if len(tally.counts) != 1 else ''}): replayed {tally.replayed} "
-        f"(token, layer) rows, {match}; "
+    batches = len(tally.counts)
+    return (
+        f"{LOG_PREFIX}: {ROUTES_FIELD} reached the actor ({pass_name}, {sequences} sequences, "
+        f"{batches} micro-batch{'es' if batches != 1 else ''}): replayed {tally.replayed} (token, layer) rows, {match}; "
         f"trainer's own router agreed with them on {agreement} of expert slots"
     )
+
+
+def native_line(pass_name: str, sequences: int, mode: str) -> str:
+    """The log line of a pass that got routes and does not replay them."""
+    return f"{LOG_PREFIX}: {ROUTES_FIELD} reached the actor ({pass_name}, {sequences} sequences); {MODE_KEY}={mode}: routing natively"
 
 
 def _wrap_forward_backward_batch(original: Callable) -> Callable:
@@ -239,7 +242,7 @@ def _wrap_forward_backward_batch(original: Callable) -> Callable:
             self._r3_scope = None
             scope.close()
         if scope.action == REPLAY:
-            _log_replay(scope, data, forward_only)
+            logger.info(replay_line(_pass_name(forward_only), data.batch_size[0], scope.tally))
             if isinstance(output, dict) and isinstance(output.get("metrics"), dict):
                 output["metrics"].update(replay_metrics(scope.tally))
         return output

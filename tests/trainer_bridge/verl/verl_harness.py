@@ -220,13 +220,13 @@ def direct_replay_logprobs(model_dir: str, rollouts: list[Rollout], device: str 
     return out
 
 
-def random_rollouts(spec: MoESpec, seed: int = 0) -> list[Rollout]:
+def random_rollouts(spec: MoESpec, seed: int = 0, vocab_size: int = 512) -> list[Rollout]:
     """Routes unrelated to the model's choice (so replay is visible), laid out like SGLang's: rows [0, n-1)."""
     g = torch.Generator().manual_seed(seed)
     rollouts = []
     for prompt_len, response_len in LENGTHS:
         n = prompt_len + response_len
-        tokens = torch.randint(0, 512, (n,), generator=g).tolist()
+        tokens = torch.randint(0, vocab_size, (n,), generator=g).tolist()
         ids = torch.rand((n - 1) * len(spec.moe_layers), spec.num_experts, generator=g).argsort(-1)[:, : spec.top_k]
         routes = RoutedExperts(ids.reshape(n - 1, len(spec.moe_layers), spec.top_k).numpy(), spec.num_experts, spec.moe_layers)
         rollouts.append(Rollout(tokens[:prompt_len], tokens[prompt_len:], [0.0] * response_len, FINISH_LENGTH, routes))
