@@ -7,13 +7,13 @@
 #   R3/main_ppo.log, R3/metrics.jsonl, off/main_ppo.log, off/metrics.jsonl, summary.json
 # and prints a per-step table (k3 KL, replay counters) with the acceptance checks last.
 #
-# Env: OUT (required), STEPS (default 4), RUN_TIMEOUT seconds per run (default 240),
+# Env: OUT (required), STEPS (default 4), RUN_TIMEOUT seconds per run (default 210: both runs and the unpacking fit one 10-minute call),
 #      TRAINER=v1|legacy (default v1: verl 0.9.1's default TransferQueue trainer).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?set OUT to the output directory}"
 STEPS="${STEPS:-4}"
-RUN_TIMEOUT="${RUN_TIMEOUT:-240}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-210}"
 TRAINER="${TRAINER:-v1}"
 WORK="${WORK:-/tmp/verl-e2e}"
 mkdir -p "$OUT" "$WORK"
