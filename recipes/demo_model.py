@@ -42,6 +42,17 @@ def demo_model_dir(models_dir: str | os.PathLike, preset: str, seed: int) -> Pat
     return Path(models_dir) / f"{preset}-seed{seed}-{DEMO_SUFFIX}"
 
 
+def unit_scale_(model, seed: int) -> None:
+    """Redraw every matrix except the embedding with std ``1/sqrt(fan_in)``, in place, from ``seed``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2 and "embed" not in name:
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]))
+
+
 def make_demo_model(preset: str, out: str | os.PathLike, seed: int = 0, dtype: str = "bfloat16") -> Path:
     """Write ``preset`` with unit-scale random weights to ``out``, atomically."""
     import torch
@@ -51,12 +62,8 @@ def make_demo_model(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
 
     config = make_config(preset)
     torch.manual_seed(seed)  # the embedding keeps the preset's init, drawn from the global generator
-    generator = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim >= 2 and "embed" not in name:
-                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]))
+    unit_scale_(model, seed)
     model.to(getattr(torch, dtype))
     model.generation_config.pad_token_id = None
     out = Path(out)

@@ -20,6 +20,11 @@ wraps three methods of ``FSDPEngineWithLMHead``; verl's files are not touched:
   verl's nested int16 form (Ulysses shards gathered as verl gathers log-probs),
   which verl's trainer carries into the update batch.
 
+Every replaying ``forward_backward_batch`` adds its replay counters to verl's own
+metrics (``actor/r3/...`` in the trainer's log, see :mod:`trainer_bridge.verl.counters`)
+and logs one line saying that ``routed_experts`` reached the actor; with the mode
+``disabled`` the line says the field arrived and was not replayed.
+
 The mode is verl's own key, read per engine, so the reference model (its own
 ``fsdp_config``) keeps routing natively: ``actor_rollout_ref.actor.fsdp_config.router_replay.mode``.
 """
@@ -28,18 +33,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import AggregationType, Metric
 from verl.utils.ulysses import slice_input_tensor
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.utils.padding import build_attention_mask_from_nested
 
 from rollout.moe_spec import MoESpec
 from trainer_bridge.replay import Recording, check_route_tensor, record, replay
+from trainer_bridge.verl import sglang_compat
+from trainer_bridge.verl.counters import ExpertProbe, ReplayTally
 from trainer_bridge.verl.layout import (
     ROLLOUT_ROUTES_KEY,
     ROUTES_FIELD,
@@ -58,6 +68,15 @@ MODES = ("disabled", *REPLAY_MODES)
 FSDP_STRATEGIES = ("fsdp", "fsdp2")
 GUARD = "warn"  # trainer_bridge's misalignment guard: warn when replayed routes look unrelated to the tokens
 REPLAY, RECORD = "replay", "record"
+# verl's metric names for the replay counters; the trainer logs them as ``actor/<name>`` for update passes.
+REPLAYED_ROWS_METRIC = "r3/replayed_rows"
+MISMATCHED_ROWS_METRIC = "r3/mismatched_rows"
+AGREEMENT_METRIC = "r3/router_agreement"
+LOG_PREFIX = "R3 plugin"
+UPDATE_PASS, OLD_LOGPROB_PASS = "update pass", "old-logprob pass"
+
+logger = logging.getLogger(__name__)
+logger.setLevel(logging.INFO)  # verl configures the root handler at WARNING; these lines are the run's evidence
 
 
 def flat_routes(batch: TensorDict, spec: MoESpec) -> torch.Tensor:
@@ -85,6 +104,7 @@ class BatchScope:
     spec: MoESpec
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     recording: Recording | None = None
+    tally: ReplayTally = field(default_factory=ReplayTally)
 
     def start_micro_batch(
         self, engine: FSDPEngineWithLMHead, micro_batch: TensorDict, model_input_ids: torch.Tensor, pad_size: int
@@ -111,7 +131,10 @@ class BatchScope:
                 f"this model shards tokens after the embedding (vision-language), which the plugin does not support "
                 f"with {SP_KEY} > 1"
             )
-        self.stack.enter_context(replay(engine.module, routes, guard=GUARD))
+        session = self.stack.enter_context(replay(engine.module, routes, guard=GUARD))
+        probe = ExpertProbe.attach(engine.module, routes)
+        # Runs when the next micro-batch starts (or the batch ends): after this micro-batch's backward.
+        self.stack.callback(lambda: self.tally.counts.append(probe.finish(session, len(self.spec.moe_layers))))
 
     def recorded(self, engine: FSDPEngineWithLMHead, micro_batch: TensorDict, pad_size: int) -> torch.Tensor:
         """This micro-batch's recorded routes in verl's form: nested int16 ``[batch, seq, num_hidden_layers, K]``.
@@ -142,10 +165,18 @@ def replay_mode(engine: FSDPEngineWithLMHead) -> str:
     return mode
 
 
+def _pass_name(forward_only: bool) -> str:
+    return OLD_LOGPROB_PASS if forward_only else UPDATE_PASS
+
+
 def batch_action(engine: FSDPEngineWithLMHead, data: TensorDict, forward_only: bool) -> BatchScope | None:
     """What this batch does (``None``: route natively), with every check that must precede the first forward."""
     mode = replay_mode(engine)
-    if mode not in REPLAY_MODES or engine.engine_config.strategy not in FSDP_STRATEGIES:
+    if engine.engine_config.strategy not in FSDP_STRATEGIES:
+        return None
+    if mode not in REPLAY_MODES:
+        if ROUTES_FIELD in data.keys():
+            logger.info(native_line(_pass_name(forward_only), data.batch_size[0], mode))
         return None
     # verl's own per-call switch (set False for the reference pass by workers that honour router replay).
     if tu.get_non_tensor_data(data=data, key="enable_routing_replay", default=True) is False:
@@ -167,6 +198,37 @@ def batch_action(engine: FSDPEngineWithLMHead, data: TensorDict, forward_only: b
     return BatchScope(REPLAY, spec)
 
 
+def replay_metrics(tally: ReplayTally) -> dict[str, Metric]:
+    """The counters as verl ``Metric`` s, one value per call on every rank (verl aggregates them across DP).
+
+    Row counts are sums; the agreement is NaN when no layer had enough routed rows to judge.
+    """
+    matched, agreement = tally.matched, tally.agreement
+    values = {
+        REPLAYED_ROWS_METRIC: (AggregationType.SUM, float(tally.replayed)),
+        MISMATCHED_ROWS_METRIC: (AggregationType.SUM, math.nan if matched is None else float(tally.replayed - matched)),
+        AGREEMENT_METRIC: (AggregationType.MEAN, math.nan if agreement is None else agreement),
+    }
+    return {name: Metric(aggregation, value) for name, (aggregation, value) in values.items()}
+
+
+def replay_line(pass_name: str, sequences: int, tally: ReplayTally) -> str:
+    """The log line of a replaying pass (``bench/verl_e2e/report.py`` counts them)."""
+    match = "not measurable on this model" if tally.match is None else f"{tally.match:.2%} reached the experts as given"
+    agreement = "n/a" if tally.agreement is None else f"{tally.agreement:.2%}"
+    batches = len(tally.counts)
+    return (
+        f"{LOG_PREFIX}: {ROUTES_FIELD} reached the actor ({pass_name}, {sequences} sequences, "
+        f"{batches} micro-batch{'es' if batches != 1 else ''}): replayed {tally.replayed} (token, layer) rows, {match}; "
+        f"trainer's own router agreed with them on {agreement} of expert slots"
+    )
+
+
+def native_line(pass_name: str, sequences: int, mode: str) -> str:
+    """The log line of a pass that got routes and does not replay them."""
+    return f"{LOG_PREFIX}: {ROUTES_FIELD} reached the actor ({pass_name}, {sequences} sequences); {MODE_KEY}={mode}: routing natively"
+
+
 def _wrap_forward_backward_batch(original: Callable) -> Callable:
     @functools.wraps(original)
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only: bool = False) -> Any:
@@ -175,10 +237,15 @@ def _wrap_forward_backward_batch(original: Callable) -> Callable:
             return original(self, data, loss_function, forward_only=forward_only)
         self._r3_scope = scope
         try:
-            return original(self, data, loss_function, forward_only=forward_only)
+            output = original(self, data, loss_function, forward_only=forward_only)
         finally:
             self._r3_scope = None
             scope.close()
+        if scope.action == REPLAY:
+            logger.info(replay_line(_pass_name(forward_only), data.batch_size[0], scope.tally))
+            if isinstance(output, dict) and isinstance(output.get("metrics"), dict):
+                output["metrics"].update(replay_metrics(scope.tally))
+        return output
 
     return forward_backward_batch
 
@@ -225,3 +292,4 @@ def install(engine_cls: type = FSDPEngineWithLMHead) -> None:
 
 
 install()
+sglang_compat.install()

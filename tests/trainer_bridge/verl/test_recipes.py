@@ -33,6 +33,7 @@ def test_recipe_loads_through_verls_config_system(name):
     rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
     assert rollout.name == "sglang"
     assert rollout.enable_rollout_routing_replay  # verl then starts SGLang with enable_return_routed_experts
+    assert rollout.skip_tokenizer_init is False  # verl 0.9.1 + SGLang 0.5.17: see trainer_bridge.verl.sglang_compat
 
     assert cfg.actor_rollout_ref.model.external_lib == "trainer_bridge.verl.plugin"
     assert cfg.algorithm.adv_estimator == "grpo"

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism: two gloo ranks run verl's FSDP engine with ulysses_sequence_parallel_size=2.
+"""Two gloo ranks run verl's FSDP engine: Ulysses sequence parallelism (size 2), then FSDP2 data parallel.
 
 verl's Ulysses attention exchange patches flash-attention only, so on CPU (sdpa)
 each rank attends within its own shard and log-probs are not those of the full
@@ -34,7 +34,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_routes_follow_ulysses_sharding(model_dir):
-    """R3: each rank's experts get its slice of the routes. R2: verl returns both ranks' recordings, gathered."""
+    """R3: each rank's experts get its slice of the routes. R2: verl returns both ranks' recordings, gathered.
+    Then FSDP2 data parallel over the same two ranks: each rank replays its own batch exactly (ulysses_rank.run_data_parallel)."""
     import ulysses_rank
 
     mp.spawn(ulysses_rank.run, args=(free_port(), model_dir), nprocs=ulysses_rank.SP)

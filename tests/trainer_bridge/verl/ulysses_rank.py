@@ -20,12 +20,14 @@ os.environ["VERL_ENGINE_DEVICE"] = "cuda"
 import verl_harness as vh  # noqa: E402
 from rollout.moe_spec import MoESpec  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.utils.padding import no_padding_2_padding  # noqa: E402
 
 SP = 2
 
 
 def run(rank: int, port: int, model_dir: str) -> None:
-    """R3 then R2 in one process pair: spawning is the slow part on CPU."""
+    """R3 then R2 under Ulysses SP 2, then R3 with plain FSDP2 data parallel, in one process pair:
+    spawning is the slow part on CPU."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(SP), LOCAL_RANK=str(rank)
     )
@@ -33,6 +35,7 @@ def run(rank: int, port: int, model_dir: str) -> None:
     try:
         for mode in ("R3", "R2"):
             run_mode(rank, model_dir, mode)
+        run_data_parallel(rank, model_dir)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -80,3 +83,29 @@ def check_recording(rank: int, out, native: torch.Tensor, total: int) -> None:
     recorded = tu.get(out, "routed_experts")
     everything = torch.cat(shards)[:total]
     assert torch.equal(recorded.values().long().sort(-1).values, everything.sort(-1).values)
+
+
+def run_data_parallel(rank: int, model_dir: str) -> None:
+    """FSDP2 across both ranks (no SP): each rank's parameters are half shards, its batch its own half.
+
+    The replayed ids equal that rank's given ids, the log-probs equal a one-process replay on the
+    plain transformers model (fp32 here, so to 1e-5), and the update pass replays the same routes
+    (PPO's KL estimate is exactly zero on every rank).
+    """
+    worker = vh.make_worker(model_dir, "R3", micro_batch=2, gradient_checkpointing=False)
+    spec = MoESpec.from_pretrained(model_dir)
+    rollouts = vh.random_rollouts(spec, seed=9)[rank::SP]
+    fields = vh.verl_fields(rollouts, spec)
+    probe = vh.RouteProbe.attach(worker.engine.module)
+    td = vh.old_logprob_batch(fields)
+    out = worker.infer_batch(td)
+    probe.detach()
+    ids, routed = vh.expected_packed(rollouts)
+    vh.check_replayed(probe, ids, routed, calls_per_layer=1)
+    for i, (seq, ref) in enumerate(zip(tu.get(out, "log_probs").unbind(), vh.direct_replay_logprobs(model_dir, rollouts))):
+        torch.testing.assert_close(seq[:-1], ref, rtol=1e-5, atol=1e-5, msg=f"rank {rank} sequence {i}")
+    old = no_padding_2_padding(tu.get(out, "log_probs"), td)
+    update = vh.update_batch(fields, old, torch.ones_like(old))
+    tu.assign_non_tensor(update, mini_batch_size=SP * len(rollouts), global_batch_size=SP * len(rollouts))  # both ranks' rows
+    metrics = tu.get(worker.train_mini_batch(update), "metrics")
+    assert abs(float(metrics["actor/ppo_kl"][0])) < 1e-6, f"rank {rank}: update pass did not replay the same routes"

@@ -92,8 +92,9 @@ def make_worker(
     remove_padding: bool = True,
     gradient_checkpointing: bool = True,
     ulysses: int = 1,
+    mixed_precision: dict[str, str] = FP32,
 ) -> TrainingWorker:
-    """verl's training worker on the FSDP engine, fp32 end to end, with the plugin loaded through external_lib.
+    """verl's training worker on the FSDP engine (fp32 end to end unless told), with the plugin loaded through external_lib.
 
     ``mode`` as a dict is what a bare ``+...fsdp_config.router_replay.mode=R3`` command-line override yields.
     """
@@ -108,7 +109,7 @@ def make_worker(
     engine = FSDPEngineConfig(
         strategy="fsdp2",
         use_torch_compile=False,
-        mixed_precision=FP32,
+        mixed_precision=mixed_precision,
         use_dynamic_bsz=False,
         infer_micro_batch_size_per_gpu=micro_batch,
         micro_batch_size_per_gpu=micro_batch,
@@ -197,13 +198,35 @@ class RouteProbe:
         return sum(len(v) for v in self.ids.values())
 
 
-def random_rollouts(spec: MoESpec, seed: int = 0) -> list[Rollout]:
+def direct_replay_logprobs(model_dir: str, rollouts: list[Rollout], device: str = "cpu") -> list[torch.Tensor]:
+    """trainer_bridge on the plain transformers model (fp32), one unpadded sequence at a time: the reference log-probs."""
+    import warnings
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from trainer_bridge import RouteMisalignmentWarning, replay
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").to(device).eval()
+    out = []
+    with torch.no_grad():
+        for r in rollouts:
+            tokens = torch.tensor([r.token_ids], device=device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RouteMisalignmentWarning)
+                with replay(model, r.routed_experts):
+                    logits = model(input_ids=tokens).logits[0]
+            out.append(F.log_softmax(logits[:-1].float(), -1).gather(-1, tokens[0, 1:, None])[:, 0].cpu())
+    return out
+
+
+def random_rollouts(spec: MoESpec, seed: int = 0, vocab_size: int = 512) -> list[Rollout]:
     """Routes unrelated to the model's choice (so replay is visible), laid out like SGLang's: rows [0, n-1)."""
     g = torch.Generator().manual_seed(seed)
     rollouts = []
     for prompt_len, response_len in LENGTHS:
         n = prompt_len + response_len
-        tokens = torch.randint(0, 512, (n,), generator=g).tolist()
+        tokens = torch.randint(0, vocab_size, (n,), generator=g).tolist()
         ids = torch.rand((n - 1) * len(spec.moe_layers), spec.num_experts, generator=g).argsort(-1)[:, : spec.top_k]
         routes = RoutedExperts(ids.reshape(n - 1, len(spec.moe_layers), spec.top_k).numpy(), spec.num_experts, spec.moe_layers)
         rollouts.append(Rollout(tokens[:prompt_len], tokens[prompt_len:], [0.0] * response_len, FINISH_LENGTH, routes))
