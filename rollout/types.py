@@ -12,6 +12,7 @@ from rollout.routed_experts import RoutedExperts
 FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_ABORT = "abort"
+ERROR_META_KEY = "error"  # Rollout.meta key: why a request that finished with FINISH_ABORT failed in the engine
 
 # Bounds of what the engine's kernels take; a request outside them is refused by name before it is queued.
 MAX_SEED = 2**63 - 1  # seeds travel as int64; the sampler hashes their low and high 32-bit words
