@@ -37,7 +37,6 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import Future
 from typing import Any, AsyncIterator
 
 import uvicorn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 
@@ -18,6 +19,9 @@ from rollout.rollout_file import (
 )
 from rollout.routed_experts import RoutedExperts
 from rollout.types import FINISH_LENGTH, FINISH_STOP, Rollout
+
+# R3_FUZZ_SCALE=100 turns these bounded fuzz tests into the long campaign (docs/benchmarks.md, issue 14).
+FUZZ_SCALE = int(os.environ.get("R3_FUZZ_SCALE", "1"))
 
 
 def _rollout(seed: int, prompt_len: int, out_len: int, num_experts: int = 8, start: int = 0, routes=True) -> Rollout:
@@ -223,7 +227,7 @@ _FUZZ_ROLLOUTS = [_rollout(1, 5, 4), _rollout(2, 4, 3), _rollout(3, 3, 2, routes
 _FUZZ_FILE = encode_rollouts(_FUZZ_ROLLOUTS)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150 * FUZZ_SCALE, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, len(_FUZZ_FILE) - 1), st.integers(0, 255)), min_size=1, max_size=6),
        st.integers(0, len(_FUZZ_FILE)))
 def test_fuzz_damaged_files_fail_loudly_or_load_unchanged(edits, cut):
@@ -239,7 +243,7 @@ def test_fuzz_damaged_files_fail_loudly_or_load_unchanged(edits, cut):
         _same(a, b)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100 * FUZZ_SCALE, deadline=None)
 @given(st.binary(max_size=512))
 def test_fuzz_arbitrary_bytes_raise_only_value_error(data):
     for blob in (data, struct.pack("<Q", len(data)) + data, _FUZZ_FILE[:64] + data):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import struct
 import zlib
 
@@ -14,6 +15,9 @@ from hypothesis import strategies as st
 
 from rollout import RoutedExperts
 from rollout.routed_experts import _HEADER, FORMAT_VERSION, HEADER_BYTES, MAGIC, compact_dtype, sentinel_for
+
+# R3_FUZZ_SCALE=100 turns these bounded fuzz tests into the long campaign (docs/benchmarks.md, issue 14).
+FUZZ_SCALE = int(os.environ.get("R3_FUZZ_SCALE", "1"))
 
 
 def handmade_blob(version: int, ids: bytes, shape=(1, 1, 2), num_experts: int = 8, moe_layers=None) -> bytes:
@@ -325,7 +329,7 @@ def test_newer_sglang_compact_wire_dtypes():
 
 
 # ------------------------------------------------------------------ fuzzing (bounded; the big run is in bench/)
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200 * FUZZ_SCALE, deadline=None)
 @given(st.binary(max_size=256))
 def test_fuzz_arbitrary_bytes_raise_only_value_error(data):
     for blob in (data, MAGIC + data, MAGIC + struct.pack("<H", 2) + data):
@@ -335,7 +339,7 @@ def test_fuzz_arbitrary_bytes_raise_only_value_error(data):
             pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200 * FUZZ_SCALE, deadline=None)
 @given(shapes, st.data())
 def test_fuzz_mutated_payloads_never_decode_silently(shape, data):
     """A burst of up to 4 changed bytes, a cut or an insertion: always a ValueError (CRC32 catches every such burst)."""

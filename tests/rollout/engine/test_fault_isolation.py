@@ -8,11 +8,17 @@ the engine serves correctly afterwards. Aborts of requests never scheduled cost 
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rollout.engine.engine import Engine
 from rollout.types import ERROR_META_KEY, FINISH_ABORT, FINISH_LENGTH, SamplingParams
 
+# R3_FUZZ_SCALE=100 turns the bounded fuzz test below into the long campaign (docs/benchmarks.md, issue 14).
+FUZZ_SCALE = int(os.environ.get("R3_FUZZ_SCALE", "1"))
 GREEDY = SamplingParams(max_new_tokens=5, temperature=0)
 SAMPLED = SamplingParams(max_new_tokens=5, temperature=1.0, top_k=20, seed=7)
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9]]
@@ -145,3 +151,43 @@ def test_an_aborted_request_never_scheduled_costs_no_compute(qwen3_dir):
     assert done[keep].finish_reason == FINISH_LENGTH
     # the kept prompt's prefill plus one token per decode step; not a single token of the aborted one
     assert engine.stats["computed_tokens"] == len(PROMPTS[0]) + GREEDY.max_new_tokens - 1
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=2),
+                    st.lists(st.integers(-5, 600), max_size=3))
+_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids")
+
+
+@pytest.fixture(scope="module")
+def fuzzed_engine(qwen3_dir):
+    return Engine(qwen3_dir, max_context=16)
+
+
+@settings(max_examples=40 * FUZZ_SCALE, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.lists(st.integers(-3, 600), max_size=6), _VALUES), min_size=1, max_size=3),
+       st.lists(st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=3), min_size=1, max_size=3),
+       st.booleans())
+def test_fuzz_the_worker_refuses_or_serves_and_stays_clean(fuzzed_engine, alone, prompts, fields, bypass):
+    """Random prompts and sampling values (built or set around the checks): a ValueError or rollouts, never a mess."""
+    engine = fuzzed_engine
+    samplings = []
+    for f in fields:
+        try:
+            sp = SamplingParams(max_new_tokens=2, temperature=0)
+            if bypass:
+                for name, value in f.items():
+                    object.__setattr__(sp, name, value)
+            else:
+                sp = SamplingParams(**{"max_new_tokens": 2, **f})
+        except ValueError:
+            continue
+        samplings.append(sp)
+    sampling = (samplings + [GREEDY] * len(prompts))[: len(prompts)]
+    try:
+        out = engine.generate(prompts, sampling)
+    except ValueError:
+        pass
+    else:
+        assert len(out) == len(prompts) and all(r.finish_reason != FINISH_ABORT for r in out)
+    assert not engine.has_unfinished()
+    _same(engine.generate([PROMPTS[0]], GREEDY)[0], alone[0])  # still serving, and serving right
