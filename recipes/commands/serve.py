@@ -1,4 +1,5 @@
-"""``r3 serve --model DIR [--host H] [--port N] [--api-key KEY] [--device D] [--dtype T] [--no-capture]``.
+"""``r3 serve --model DIR [--host H] [--port N] [--api-key KEY] [--device D] [--dtype T] [--no-capture]
+[--request-timeout S] [--body-timeout S] [--max-connections N]``.
 
 Puts the built-in engine behind SGLang's ``/generate`` protocol (FastAPI on
 uvicorn, see ``rollout.serve.server``). Binds to loopback unless ``--host`` says
@@ -16,7 +17,13 @@ import signal
 import sys
 
 from rollout.engine.config import DTYPES
-from rollout.serve.server import DEFAULT_REQUEST_TIMEOUT_S, LOOPBACK, open_server
+from rollout.serve.server import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    LOOPBACK,
+    open_server,
+)
 
 DEFAULT_PORT = 30000  # SGLang's default
 LISTENING_PREFIX = "r3 serve: listening on "
@@ -36,6 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-running-requests", type=int, default=None, help="engine batch limit")
     p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, help="seconds per request")
+    p.add_argument(
+        "--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds a client has to send a request's head and body (408 and closed after)",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+        help="connections and requests served at once; past it a client gets 503",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     options = {} if args.max_running_requests is None else {"max_running_requests": args.max_running_requests}
     server = open_server(
         args.model, host=args.host, port=args.port, api_key=args.api_key, capture=not args.no_capture,
-        device=args.device, dtype=args.dtype, request_timeout=args.request_timeout, **options,
+        device=args.device, dtype=args.dtype, request_timeout=args.request_timeout, body_timeout=args.body_timeout,
+        max_connections=args.max_connections, **options,
     )
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(f"{LISTENING_PREFIX}{server.url}", flush=True)

@@ -85,6 +85,8 @@ def open_server(
     device: str = "cpu",
     dtype: str = "float32",
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     **engine_options: Any,
 ) -> "R3Server":
     """Load the built-in engine on ``model_path`` and bind the server (not yet serving)."""
@@ -93,7 +95,8 @@ def open_server(
     _check_api_key(api_key)
     engine = Engine(model_path, device=device, dtype=dtype, return_routed_experts=capture, **engine_options)
     return R3Server(
-        engine, model_path, host=host, port=port, api_key=api_key, capture=capture, request_timeout=request_timeout
+        engine, model_path, host=host, port=port, api_key=api_key, capture=capture, request_timeout=request_timeout,
+        body_timeout=body_timeout, max_connections=max_connections,
     )
 
 

@@ -44,6 +44,7 @@ nested past pydantic's recursion limit is refused), then by what the engine take
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -307,6 +308,8 @@ class GenerateBody(BaseModel):
 
 
 _FIELD_TAGS = frozenset({"one", "batch", "per_prompt"})  # discriminator tags pydantic puts in error locations
+_SHORT = reprlib.Repr()  # a bounded repr of the offending value, however large the body
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 40, 40, 4, 3, 2
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -318,13 +321,12 @@ def _validation_message(exc: ValidationError) -> str:
             if key in _FIELD_TAGS:
                 continue
             path += f"[{key}]" if isinstance(key, int) else (f".{key}" if path else str(key))
-        got = repr(err.get("input"))
-        got = got if len(got) <= 60 else got[:57] + "..."
+        got = _SHORT.repr(err.get("input"))
         where = f"{path}: " if path else ""
         detail = "" if err["type"] in ("json_invalid", "missing", "extra_forbidden") else f" (got {got})"
         message = "Input should be a JSON object" if err["type"] in ("model_type", "dict_type") else err["msg"]
         parts.append(f"{where}{message}{detail}")
-    more = len(exc.errors()) - len(parts)
+    more = exc.error_count() - len(parts)
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
