@@ -260,3 +260,39 @@ def test_sampling_params_from_sglang_defaults():
     assert sampling_from_sglang({"max_new_tokens": 3, "temperature": 0}) == SamplingParams(3, temperature=0)
     assert sampling_from_sglang({"max_new_tokens": 3, "skip_special_tokens": True}) == SamplingParams(3)
 
+
+
+@pytest.mark.parametrize("wire", ["uint16", "uint8"])
+def test_a_reply_naming_a_compact_dtype_decodes_to_the_same_routes(recorded, spec, wire):
+    """Newer SGLang (SGLANG_ROUTED_EXPERTS_DTYPE; 0.5.17 has only int32) names its dtype in meta_info."""
+    case = copy.deepcopy(recorded["cases"][CASE_PREFIX_SOURCE])
+    want = _decode(case, spec).routed_experts
+    meta = case["reply"]["meta_info"]
+    ints = np.frombuffer(base64.b64decode(meta["routed_experts"]), "<i4")
+    meta["routed_experts"] = base64.b64encode(ints.astype(np.dtype(wire).newbyteorder("<")).tobytes()).decode()
+    meta["routed_experts_dtype"] = wire
+    assert _decode(case, spec).routed_experts == want
+    meta.pop("routed_experts_dtype")  # compact bytes read as int32: the length check names the likely cause
+    with pytest.raises(ValueError, match="a dtype the reply does not name"):
+        _decode(case, spec)
+    meta["routed_experts_dtype"] = "float32"
+    with pytest.raises(ValueError, match="routed_experts_dtype='float32'"):
+        _decode(case, spec)
+
+
+def test_compact_r3_replies_are_checked_like_int32_ones(recorded, spec):
+    case = copy.deepcopy(recorded["cases"][CASE_PREFIX_SOURCE])
+    want = _decode(case, spec).routed_experts
+    meta = case["reply"]["meta_info"]
+    meta.update(routed_experts=want.to_base64(), routed_experts_format="r3")
+    assert _decode(case, spec).routed_experts == want
+    meta["routed_experts"] = want.slice(1).to_base64()  # one row short: not the rows the request needs
+    with pytest.raises(ValueError, match="but the request needs"):
+        _decode(case, spec)
+    blob = bytearray(base64.b64decode(want.to_base64()))
+    blob[20] ^= 1  # a bit of the header's start field: caught by the v2 CRC
+    meta["routed_experts"] = base64.b64encode(bytes(blob)).decode()
+    with pytest.raises(ValueError, match="CRC32"):
+        _decode(case, spec)
+    assert build_request([1], SamplingParams(1), routes_format="r3")["routed_experts_format"] == "r3"
+    assert "routed_experts_format" not in build_request([1], SamplingParams(1))  # SGLang itself refuses the field
