@@ -10,10 +10,18 @@ while the host processes step N.
 
 ``overlap=False`` processes each step right after launching it. Both paths run the
 same code on CPU, where the events are no-ops.
+
+Fault isolation: a bad request is refused by ``add_request`` / ``generate`` (``ValueError``
+naming the prompt) before anything is queued. An exception while serving one request inside
+``step()`` fails that request alone: it comes back with finish_reason "abort" and the error in
+``Rollout.meta["error"]``, its KV is freed without entering the prefix cache, and the engine
+goes on with the others. A step that fails as a whole (its launch raised) fails the requests
+in it the same way. ``generate`` never leaves its requests queued when it raises.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass
@@ -33,7 +41,7 @@ from rollout.engine.sampler import sample
 from rollout.engine.scheduler import BLOCKED, Batch, Request, Scheduler
 from rollout.moe_spec import MoESpec, read_config
 from rollout.routed_experts import RoutedExperts
-from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
+from rollout.types import ERROR_META_KEY, FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
 
 
 @dataclass
@@ -98,6 +106,7 @@ class Engine:
         prompt = self._check_prompt(prompt_ids)
         if not isinstance(sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        sampling = dataclasses.replace(sampling)  # re-runs its checks: a field set around them is refused here
         if isinstance(start_len, bool) or not isinstance(start_len, int) or not 0 <= start_len <= len(prompt):
             raise ValueError(f"start_len must be an integer in [0, len(prompt)={len(prompt)}], got {start_len!r}")
         return prompt, sampling, start_len
@@ -130,11 +139,12 @@ class Engine:
     def step(self) -> list[tuple[int, Rollout]]:
         """One loop iteration; returns the requests that finished in it."""
         finished, self._undelivered = self._undelivered, []
+        finished += self._finish_aborted()  # before scheduling: an aborted request still waiting costs nothing
         batch = self.scheduler.schedule(can_preempt=self._in_flight is None)
         if batch is BLOCKED:  # preemption snapshots routes, so every step must be finalized first
             finished += self._drain()
             batch = self.scheduler.schedule(can_preempt=True)
-        launched = self._launch(batch) if isinstance(batch, Batch) else None
+        launched = self._launch_or_fail(batch) if isinstance(batch, Batch) else None
         if self._in_flight is not None:
             finished += self._process(self._in_flight)  # overlaps with `launched` on the device
         self._in_flight = launched
@@ -163,15 +173,21 @@ class Engine:
                 raise ValueError(f"prompt {i}: {exc}") from None
         rids = [self._enqueue(*request) for request in checked]
         wanted, done, others = set(rids), {}, []
-        while wanted - done.keys():
-            if not self.scheduler.has_work() and self._in_flight is None:
-                raise RuntimeError(f"engine went idle with requests {sorted(wanted - done.keys())} unfinished")
-            for rid, rollout in self.step():
-                if rid in wanted:
-                    done[rid] = rollout
-                else:
-                    others.append((rid, rollout))
-        self._undelivered += others  # requests added with add_request come back from the next step()
+        try:
+            while wanted - done.keys():
+                if not self.scheduler.has_work() and self._in_flight is None:
+                    raise RuntimeError(f"engine went idle with requests {sorted(wanted - done.keys())} unfinished")
+                for rid, rollout in self.step():
+                    if rid in wanted:
+                        done[rid] = rollout
+                    else:
+                        others.append((rid, rollout))
+        except BaseException:  # the engine itself broke (or an interrupt): drop this call's requests
+            for rid in wanted - done.keys():
+                self._discard(rid)
+            raise
+        finally:
+            self._undelivered += others  # requests added with add_request come back from the next step()
         return [done[rid] for rid in rids]
 
     def close(self) -> None:
@@ -221,6 +237,17 @@ class Engine:
             self.table.free(row)
 
     # ------------------------------------------------------------- the step
+    def _launch_or_fail(self, batch: Batch) -> _Launched | None:
+        """``_launch``; if it raises, no request of the batch can be blamed alone, so each fails with the error."""
+        try:
+            return self._launch(batch)
+        except Exception as exc:
+            for r, sampled in zip(batch.requests, batch.samples):
+                r.inflight_steps -= 1  # this step never ran: undo what planning it counted
+                r.inflight_samples -= int(sampled)
+                self._fail(r, exc)
+            return None
+
     @torch.inference_mode()
     def _launch(self, batch: Batch) -> _Launched:
         sampling = batch_mod.build_sampling(batch, self.device, self.model.arch.vocab_size)
@@ -264,12 +291,15 @@ class Engine:
             r.inflight_samples -= 1
             if stale:  # overlap ran one step past this request's stop token: drop that token
                 continue
-            r.output_ids.append(tok)
-            r.output_logprobs.append(lp)
-            if tok in r.sampling.stop_token_ids:
-                finished.append(self._finish(r, FINISH_STOP))
-            elif len(r.output_ids) >= r.output_budget:
-                finished.append(self._finish(r, FINISH_LENGTH))
+            try:
+                r.output_ids.append(tok)
+                r.output_logprobs.append(lp)
+                if tok in r.sampling.stop_token_ids:
+                    finished.append(self._finish(r, FINISH_STOP))
+                elif len(r.output_ids) >= r.output_budget:
+                    finished.append(self._finish(r, FINISH_LENGTH))
+            except Exception as exc:  # this request's fault: it alone fails, the batch goes on
+                self._fail(r, exc)
         return finished
 
     def _drain(self) -> list[tuple[int, Rollout]]:
@@ -278,10 +308,12 @@ class Engine:
 
     # ------------------------------------------------------ finish & routes
     def _finish(self, r: Request, reason: str) -> tuple[int, Rollout]:
-        routes = self._routes_of(r) if self.capture is not None else None
+        routes = self._routes_of(r) if self.capture is not None and r.error is None else None
         self.scheduler.finish(r, reason)
         del self._requests[r.rid]
         meta = {"prefix_hit_tokens": r.prefix_hit_tokens, "preemptions": r.num_preemptions, "seed": r.seed}
+        if r.error is not None:
+            meta[ERROR_META_KEY] = r.error
         rollout = Rollout(
             prompt_ids=list(r.prompt_ids), output_ids=list(r.output_ids), output_logprobs=list(r.output_logprobs),
             finish_reason=reason, routed_experts=routes, meta=meta,
@@ -297,8 +329,27 @@ class Engine:
                 self._aborting.discard(rid)
             elif r.inflight_steps == 0:
                 self._aborting.discard(rid)
-                out.append(self._finish(r, FINISH_ABORT))
+                try:
+                    out.append(self._finish(r, FINISH_ABORT))
+                except Exception as exc:  # its routes could not be gathered: it leaves failed, without them
+                    self._fail(r, exc)
+                    out.append(self._finish(r, FINISH_ABORT))
         return out
+
+    def _fail(self, r: Request, exc: BaseException) -> None:
+        """Fail ``r`` alone: it leaves like an abort (once none of its steps is in flight), the error in its meta."""
+        if r.error is None:
+            r.error = f"request failed in the engine: {type(exc).__name__}: {exc}"
+        r.abort_requested = True
+        self._aborting.add(r.rid)
+
+    def _discard(self, rid: int) -> None:
+        """Drop an unfinished request now, with nothing returned (``generate`` is raising)."""
+        r = self._requests.pop(rid, None)
+        self._aborting.discard(rid)
+        if r is not None:
+            r.error = r.error or "dropped: generate() raised"
+            self.scheduler.finish(r, FINISH_ABORT)
 
     def _route_rows(self, r: Request, n: int) -> np.ndarray:
         """Routes of positions ``[0, n)``: snapshot from a preemption first, then the host cache by slot."""

@@ -49,6 +49,7 @@ class Request:
     saved_routes: np.ndarray | None = None  # routes of positions [0, len) kept across preemption
     finish_reason: str | None = None
     abort_requested: bool = False
+    error: str | None = None  # set when serving this request failed: it leaves as an abort, its KV uncached
     num_preemptions: int = 0
     prefix_hit_tokens: int = 0  # tokens served from the prefix cache, over all admissions
 
@@ -238,11 +239,12 @@ class Scheduler:
         self.num_preemptions += 1
 
     def finish(self, r: Request, reason: str) -> None:
-        """Free ``r``'s KV; its computed positions go to the prefix cache (with their routes)."""
+        """Free ``r``'s KV; its computed positions go to the prefix cache (with their routes), unless it failed."""
         r.finish_reason = reason
         if r in self.running:
             self.running.remove(r)
-            self._release_kv(r, keep_in_cache=min(len(r.slots), r.num_known - 1))
+            keep = min(len(r.slots), r.num_known - 1) if r.error is None else 0  # a failed step may have left bad KV
+            self._release_kv(r, keep_in_cache=keep)
         elif r in self.waiting:
             self.waiting.remove(r)
 

@@ -1,1 +1,1 @@
-"""``r3 serve``: the built-in engine behind SGLang's ``/generate`` protocol (stdlib HTTP, one engine-loop thread)."""
+"""``r3 serve``: the built-in engine behind SGLang's ``/generate`` protocol (FastAPI on uvicorn, one engine-loop thread)."""

@@ -2,9 +2,12 @@
 
 The engine is not thread-safe and batches best when it sees every pending
 request, so exactly one loop thread calls ``add_request`` / ``step``. Handlers
-``submit`` work and block on the returned ``Future``. If the engine raises, the
-requests it held fail with that error and the loop stops taking work
-(``healthy`` turns False), rather than serving from a half-updated engine.
+``submit`` work and wait on the returned ``Future``. A request the engine refuses
+(``add_request`` raises) fails alone; so does one whose callback raises, or whose
+caller gave up on its future. Only if ``step`` itself raises (the engine isolates
+per-request faults, so this is the engine breaking) do the requests it held fail
+with that error and the loop stop taking work (``healthy`` turns False), rather
+than serving from a half-updated engine.
 
 Streaming: a submission may carry ``on_tokens``; after every step the loop
 reports the tokens its request has so far, from the engine's
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -102,7 +105,7 @@ class EngineLoop:
                     for rid, rollout in self._engine.step():
                         sub = self._pending.pop(rid, None)
                         if sub is not None:
-                            sub.future.set_result(rollout)
+                            _resolve(sub.future, result=rollout)
                     self._report_progress()
         except BaseException as exc:  # the engine broke: fail everyone waiting, stop taking work
             self._failure = exc
@@ -122,10 +125,12 @@ class EngineLoop:
             if isinstance(item, _Cancel):
                 self._abort(item.future)
                 continue
+            if item.future.done():  # its caller already gave up (cancelled the future)
+                continue
             try:
                 rid = self._engine.add_request(item.prompt_ids, item.sampling, start_len=item.start_len)
-            except ValueError as exc:  # bad request for this engine: that caller's error only
-                item.future.set_exception(exc)
+            except Exception as exc:  # bad request for this engine: that caller's error only
+                _resolve(item.future, error=exc)
                 continue
             self._pending[rid] = item
 
@@ -140,10 +145,17 @@ class EngineLoop:
 
     def _report_progress(self) -> None:
         for rid, sub in self._pending.items():
+            if sub.future.done():  # cancelled by its caller: stop spending steps on it
+                self._abort(sub.future)
+                continue
             so_far = self._engine.progress(rid) if sub.on_tokens is not None else None
             if so_far is not None and len(so_far[0]) > sub.reported:
                 sub.reported = len(so_far[0])
-                sub.on_tokens(list(so_far[0]), list(so_far[1]))
+                try:
+                    sub.on_tokens(list(so_far[0]), list(so_far[1]))
+                except Exception:  # that caller's listener broke (its event loop closed): it alone stops
+                    sub.on_tokens = None
+                    self._abort(sub.future)
 
     def _stopped_error(self) -> RuntimeError:
         if self._failure is not None:
@@ -155,7 +167,7 @@ class EngineLoop:
         with self._lock:
             self._closed = True
         for sub in self._pending.values():
-            sub.future.set_exception(reason)
+            _resolve(sub.future, error=reason)
         self._pending.clear()
         while True:
             try:
@@ -163,4 +175,15 @@ class EngineLoop:
             except queue.Empty:
                 return
             if isinstance(item, _Submission):
-                item.future.set_exception(reason)
+                _resolve(item.future, error=reason)
+
+
+def _resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete ``future`` unless its caller cancelled it first (then there is no one to tell)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

@@ -5,6 +5,12 @@ Both paths build the same ``/generate`` request and decode the same reply
 whichever engine sampled. Over HTTP every prompt is its own request, sent from
 a thread pool over keep-alive connections: the server batches them itself,
 and one slow prompt does not hold back the others' decoding.
+
+Routes on the wire: a server whose ``/get_model_info`` lists ``"r3"`` in
+``routed_experts_formats`` (``r3 serve``) is asked for the compact encoding
+(uint8/uint16, MoE layers only, CRC32); any other SGLang sends base64 int32, or
+the uint16/uint8 it names in ``meta_info.routed_experts_dtype`` (newer releases
+launched with ``SGLANG_ROUTED_EXPERTS_DTYPE``), and ``decode_reply`` reads either.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any, Sequence
 
 from rollout.moe_spec import MoESpec
 from rollout.sglang.http_client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, HTTPClient
-from rollout.sglang.protocol import build_request, decode_reply
+from rollout.sglang.protocol import ROUTES_R3, ROUTES_SGLANG, build_request, decode_reply
 from rollout.types import Rollout, SamplingParams
 
 DEFAULT_CONCURRENCY = 16
@@ -51,6 +57,7 @@ class SGLangBackend:
         self._client: HTTPClient | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._engine: Any = None
+        self._routes_format: str | None = None if url is not None else ROUTES_SGLANG
         if url is not None:
             if engine_options:
                 raise ValueError(f"engine options {sorted(engine_options)} only apply to the in-process engine")
@@ -75,7 +82,8 @@ class SGLangBackend:
         if len(samplings) != n or len(starts) != n:
             raise ValueError(f"got {n} prompts but {len(samplings)} sampling params and {len(starts)} start_len values")
         bodies = [
-            build_request(p, s, start_len=st, return_routed_experts=self.return_routed_experts)
+            build_request(p, s, start_len=st, return_routed_experts=self.return_routed_experts,
+                          routes_format=self.routes_format)
             for p, s, st in zip(prompts, samplings, starts)
         ]
         if self._engine is not None:
@@ -88,6 +96,16 @@ class SGLangBackend:
             decode_reply(r, p, self.spec, start_len=s, routes_requested=self.return_routed_experts)
             for r, p, s in zip(replies, prompts, starts)
         ]
+
+    @property
+    def routes_format(self) -> str:
+        """``"r3"`` when the server offers compact routes, else SGLang's own; asked once, on first use."""
+        if self._routes_format is None:
+            assert self._client is not None
+            info = self._client.get_json("/get_model_info") or {}
+            offered = info.get("routed_experts_formats") if isinstance(info, dict) else None
+            self._routes_format = ROUTES_R3 if isinstance(offered, list) and ROUTES_R3 in offered else ROUTES_SGLANG
+        return self._routes_format
 
     def health(self) -> bool:
         """True when the server answers ``/health`` (always True in-process)."""

@@ -23,23 +23,39 @@ num_hidden_layers, top_k]`` with dense layers as zeros;
 ``finish_reason`` is ``{"type": "length", "length": N}`` /
 ``{"type": "stop", "matched": id}`` / ``{"type": "abort", "message": ...}``.
 
+Newer SGLang can send routes as ``uint16``/``uint8`` (server env
+``SGLANG_ROUTED_EXPERTS_DTYPE``), naming the dtype in
+``meta_info["routed_experts_dtype"]``; ``decode_reply`` reads whichever dtype the
+reply names (int32 when it names none, as 0.5.17). ``r3 serve`` adds one request
+field of its own, ``routed_experts_format``: ``"sglang"`` (default, the int32 form
+above) or ``"r3"``, which returns ``RoutedExperts.to_base64()`` (compact
+uint8/uint16 ids, MoE layers only, header and CRC32) and marks the reply with
+``meta_info["routed_experts_format"] = "r3"``. ``get_model_info`` lists the
+formats a server offers under ``routed_experts_formats``.
+
 The client side (``build_request``, ``decode_reply``) serves the SGLang
 backend; the server side (``parse_request``, ``build_reply``) serves
 ``r3 serve``. Sharing one module keeps both ends of the protocol identical.
+Request bodies are validated by strict pydantic models (no coercion: a string is
+not a number, a float is not a token id, NaN and infinities are refused, JSON
+nested past pydantic's recursion limit is refused), then by what the engine takes.
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
 
 from rollout.moe_spec import MoESpec
-from rollout.routed_experts import RoutedExperts
-from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
+from rollout.routed_experts import SGLANG_WIRE_DTYPES, RoutedExperts
+from rollout.types import ERROR_META_KEY, FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
 
 SGLANG_WIRE_VERSION = "0.5.17"  # the release whose replies the fixture recorded and r3 serve mimics
 DEFAULT_WEIGHT_VERSION = "default"
@@ -56,17 +72,10 @@ _SAMPLING_KEYS = {
     "seed": "sampling_seed",
 }
 _SAMPLING_FIELDS = {theirs: ours for ours, theirs in _SAMPLING_KEYS.items()}  # the inverse, for parsing requests
-# SGLang sampling keys r3 serve accepts but that change nothing without a tokenizer.
-_INERT_SAMPLING_KEYS = frozenset({"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"})
-# Top-level GenerateReqInput keys r3 serve accepts only at their SGLang default.
-_DEFAULT_ONLY_KEYS = {
-    "logprob_start_len": (None, -1), "top_logprobs_num": (None, 0), "return_text_in_logprobs": (False,)
-}
-_HANDLED_KEYS = frozenset(
-    {"rid", "input_ids", "sampling_params", "return_logprob", "return_routed_experts", "routed_experts_start_len",
-     "stream", "log_metrics"}
-)
 _FINISH_TYPES = {"length": FINISH_LENGTH, "stop": FINISH_STOP, "abort": FINISH_ABORT}
+# meta_info.routed_experts encodings: SGLang's base64 int32 of every layer, or r3's compact RoutedExperts.encode()
+ROUTES_SGLANG, ROUTES_R3 = "sglang", "r3"
+ROUTES_FORMATS = (ROUTES_SGLANG, ROUTES_R3)
 
 
 # ---------------------------------------------------------------- client side
@@ -88,8 +97,13 @@ def build_request(
     *,
     start_len: int = 0,
     return_routed_experts: bool = True,
+    routes_format: str = ROUTES_SGLANG,
 ) -> dict[str, Any]:
-    """One ``/generate`` body. Logprobs are always asked for: a ``Rollout`` carries them."""
+    """One ``/generate`` body. Logprobs are always asked for: a ``Rollout`` carries them.
+
+    ``routes_format="r3"`` asks an ``r3 serve`` for compact routes; send it only to a server
+    whose ``get_model_info`` lists it (SGLang refuses fields it does not know).
+    """
     prompt = [int(t) for t in prompt_ids]
     if not 0 <= start_len <= len(prompt):
         raise ValueError(f"start_len={start_len} must be in [0, len(prompt_ids)={len(prompt)}]")
@@ -102,6 +116,10 @@ def build_request(
         body["return_routed_experts"] = True
         if start_len:
             body["routed_experts_start_len"] = int(start_len)
+        if routes_format != ROUTES_SGLANG:
+            if routes_format not in ROUTES_FORMATS:
+                raise ValueError(f"routes_format must be one of {ROUTES_FORMATS}, got {routes_format!r}")
+            body["routed_experts_format"] = routes_format
     return body
 
 
@@ -177,20 +195,38 @@ def _decode_routes(meta: Mapping[str, Any], seq_len: int, spec: MoESpec, start_l
     rows = seq_len - 1 - start_len
     if rows < 0:
         raise ValueError(f"routed_experts_start_len={start_len} is past the last routed position {seq_len - 1}")
-    expected_bytes = rows * spec.num_hidden_layers * spec.top_k * 4
+    if meta.get("routed_experts_format", ROUTES_SGLANG) == ROUTES_R3:
+        return _decode_r3_routes(b64, spec, start_len, rows)
+    wire = meta.get("routed_experts_dtype", "int32")
+    if wire not in SGLANG_WIRE_DTYPES:
+        raise ValueError(f"meta_info.routed_experts_dtype={wire!r} is none of {sorted(SGLANG_WIRE_DTYPES)}")
+    itemsize = SGLANG_WIRE_DTYPES[wire].itemsize
+    expected_bytes = rows * spec.num_hidden_layers * spec.top_k * itemsize
     # 4 base64 characters per 3 bytes: the length check names truncation before any decoding.
     if len(b64) != 4 * math.ceil(expected_bytes / 3):
         got_bytes = len(b64) * 3 // 4 - b64[-2:].count("=")
         raise ValueError(
             f"meta_info.routed_experts holds about {got_bytes} bytes but {rows} rows "
             f"(prompt + output - 1 - start_len = {seq_len} - 1 - {start_len}) x num_hidden_layers "
-            f"{spec.num_hidden_layers} x top_k {spec.top_k} x 4 need {expected_bytes}: truncated, "
-            f"a different model config, or a different routed_experts_start_len"
+            f"{spec.num_hidden_layers} x top_k {spec.top_k} x {itemsize} ({wire}) need {expected_bytes}: truncated, "
+            f"a different model config, a different routed_experts_start_len, or a dtype the reply does not name"
         )
     return RoutedExperts.from_sglang(
         b64, num_experts=spec.num_experts, num_hidden_layers=spec.num_hidden_layers, top_k=spec.top_k,
-        moe_layers=spec.moe_layers, start=start_len, num_tokens=rows,
+        moe_layers=spec.moe_layers, start=start_len, num_tokens=rows, wire_dtype=wire,
     )
+
+
+def _decode_r3_routes(b64: str, spec: MoESpec, start_len: int, rows: int) -> RoutedExperts:
+    """``r3 serve``'s compact form: checked against the model and the request like the int32 one."""
+    routes = RoutedExperts.from_base64(b64)
+    spec.check(routes, "r3 serve routes")
+    if routes.start != start_len or routes.num_tokens != rows:
+        raise ValueError(
+            f"r3 serve routes cover [{routes.start}, {routes.end}) but the request needs "
+            f"[{start_len}, {start_len + rows})"
+        )
+    return routes
 
 
 # ---------------------------------------------------------------- server side
@@ -204,6 +240,7 @@ class GenerateItem:
     return_routed_experts: bool
     start_len: int
     rid: str
+    routes_format: str = ROUTES_SGLANG
 
 
 @dataclass(frozen=True)
@@ -213,45 +250,135 @@ class GenerateRequest:
     stream: bool
 
 
+def _is_batch(value: Any) -> str:
+    """SGLang's rule: ``input_ids`` is a batch when it is a non-empty list of lists."""
+    return "batch" if isinstance(value, list) and value and all(isinstance(x, list) for x in value) else "one"
+
+
+def _per_prompt(value: Any) -> str:
+    return "per_prompt" if isinstance(value, list) else "one"
+
+
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class SGLangSamplingBody(BaseModel):
+    """``sampling_params`` as r3 serve takes it: SGLang's names, ``null`` meaning "default" as in SGLang."""
+
+    model_config = _STRICT
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    sampling_seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    # accepted, inert without a tokenizer
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+
+
+def _one_or_per_prompt(kind: Any) -> Any:
+    """SGLang takes one value for the whole batch or a list with one per prompt."""
+    return Union[
+        Annotated[Union[Annotated[kind, Tag("one")], Annotated[list[kind], Tag("per_prompt")]], Discriminator(_per_prompt)],
+        None,
+    ]
+
+
+class GenerateBody(BaseModel):
+    """The ``/generate`` body: SGLang's ``GenerateReqInput`` fields that r3 serve handles, strictly typed."""
+
+    model_config = _STRICT
+    input_ids: Annotated[
+        Union[Annotated[list[int], Tag("one")], Annotated[list[list[int]], Tag("batch")]], Discriminator(_is_batch)
+    ]
+    sampling_params: _one_or_per_prompt(SGLangSamplingBody) = None
+    return_logprob: _one_or_per_prompt(bool) = None
+    rid: _one_or_per_prompt(str) = None
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
+    routed_experts_format: Literal["sglang", "r3"] = ROUTES_SGLANG  # r3 serve only
+    stream: bool = False
+    log_metrics: bool = True
+    # accepted only at their SGLang default
+    logprob_start_len: Literal[-1] | None = None
+    top_logprobs_num: Literal[0] | None = None
+    return_text_in_logprobs: Literal[False] = False
+
+
+_FIELD_TAGS = frozenset({"one", "batch", "per_prompt"})  # discriminator tags pydantic puts in error locations
+_SHORT = reprlib.Repr()  # a bounded repr of the offending value, however large the body
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxlevel = 40, 40, 4, 3, 2
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """``input_ids[1]: Input should be a valid integer (got 2.5)``: the first few errors, by field path."""
+    parts = []
+    for err in exc.errors(include_url=False)[:3]:
+        path = ""
+        for key in err["loc"]:
+            if key in _FIELD_TAGS:
+                continue
+            path += f"[{key}]" if isinstance(key, int) else (f".{key}" if path else str(key))
+        got = _SHORT.repr(err.get("input"))
+        where = f"{path}: " if path else ""
+        detail = "" if err["type"] in ("json_invalid", "missing", "extra_forbidden") else f" (got {got})"
+        message = "Input should be a JSON object" if err["type"] in ("model_type", "dict_type") else err["msg"]
+        parts.append(f"{where}{message}{detail}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
 def parse_request(body: Any, *, vocab_size: int, max_seq_len: int) -> GenerateRequest:
-    """Validate a ``/generate`` body as SGLang would; ``ValueError`` names the first problem.
+    """Validate a ``/generate`` body (raw JSON bytes or parsed JSON) as SGLang would; ``ValueError`` names the problem.
 
     ``max_seq_len`` bounds ``len(input_ids) + max_new_tokens`` (SGLang checks the
     same against the model's context length).
     """
+    if isinstance(body, (bytes, bytearray, str)):
+        try:  # pydantic's parser: bounded nesting, numbers past float range or 4300 digits refused
+            body = pydantic_core.from_json(body)
+        except ValueError as exc:
+            raise ValueError(f"request body is not valid JSON: {exc}") from None
+    return _parse_fields(body, vocab_size, max_seq_len)
+
+
+def _explain(exc: ValidationError) -> str:
+    errors = exc.errors()
+    if any(e["loc"] and e["loc"][0] in ("text", "input_embeds") and e["type"] == "extra_forbidden" for e in errors):
+        return "only input_ids are accepted: r3 serve runs without a tokenizer (like --skip-tokenizer-init)"
+    if any(e["loc"] == ("input_ids",) and e["type"] == "missing" for e in errors):
+        return "input_ids is required"
+    unknown = [e["loc"][0] for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1]
+    if unknown:
+        return f"unsupported request fields {sorted(unknown)}"
+    return _validation_message(exc)
+
+
+def _parse_fields(body: Any, vocab_size: int, max_seq_len: int) -> GenerateRequest:
     if not isinstance(body, dict):
         raise ValueError(f"request body must be a JSON object, got {type(body).__name__}")
-    if "text" in body or "input_embeds" in body:
-        raise ValueError("only input_ids are accepted: r3 serve runs without a tokenizer (like --skip-tokenizer-init)")
-    unknown = sorted(set(body) - _HANDLED_KEYS - set(_DEFAULT_ONLY_KEYS))
-    if unknown:
-        raise ValueError(f"unsupported request fields {unknown}")
-    for key, defaults in _DEFAULT_ONLY_KEYS.items():
-        if key in body and body[key] not in defaults:
-            raise ValueError(f"{key}={body[key]!r} is not supported; r3 serve only takes its default {defaults[-1]!r}")
-    if "input_ids" not in body:
-        raise ValueError("input_ids is required")
-    ids = body["input_ids"]
-    is_batch = isinstance(ids, list) and bool(ids) and all(isinstance(x, list) for x in ids)
-    prompts = ids if is_batch else [ids]
+    try:
+        req = GenerateBody.model_validate(body)
+    except ValidationError as exc:
+        raise ValueError(_explain(exc)) from None
+    is_batch = _is_batch(req.input_ids) == "batch"
+    prompts = req.input_ids if is_batch else [req.input_ids]
     n = len(prompts)
-    samplings = _per_item(body.get("sampling_params"), n, "sampling_params", dict, {})
-    logprob_flags = _per_item(body.get("return_logprob"), n, "return_logprob", bool, False)
-    routes_flag = _typed(body.get("return_routed_experts", False), bool, "return_routed_experts")
-    start_len = _typed(body.get("routed_experts_start_len", 0), int, "routed_experts_start_len")
-    stream = _typed(body.get("stream", False), bool, "stream")
-    _typed(body.get("log_metrics", True), bool, "log_metrics")
-    rid = body.get("rid")
+    samplings = _spread(req.sampling_params, n, "sampling_params", None)
+    logprob_flags = _spread(req.return_logprob, n, "return_logprob", False)
     # A single rid for a batch is a prefix, as in SGLang.
-    if is_batch and isinstance(rid, str):
-        rids = [f"{rid}_{i}" for i in range(n)]
+    if is_batch and isinstance(req.rid, str):
+        rids = [f"{req.rid}_{i}" for i in range(n)]
     else:
-        rids = _per_item(rid, n, "rid", str, None)
+        rids = _spread(req.rid, n, "rid", None)
+    start_len = req.routed_experts_start_len
     items = []
     for i, prompt in enumerate(prompts):
         where = f"input_ids[{i}]" if is_batch else "input_ids"
         prompt_ids = _token_ids(prompt, where, vocab_size)
-        sampling = sampling_from_sglang(samplings[i])
+        sampling = sampling_from_sglang(samplings[i] if samplings[i] is not None else {})
         if len(prompt_ids) + sampling.max_new_tokens > max_seq_len:
             raise ValueError(
                 f"{where} has {len(prompt_ids)} tokens and max_new_tokens={sampling.max_new_tokens}: "
@@ -260,27 +387,31 @@ def parse_request(body: Any, *, vocab_size: int, max_seq_len: int) -> GenerateRe
         if not 0 <= start_len <= len(prompt_ids):
             raise ValueError(f"routed_experts_start_len={start_len} must be in [0, {len(prompt_ids)}] for {where}")
         rid = rids[i] if rids[i] is not None else uuid.uuid4().hex
-        items.append(GenerateItem(prompt_ids, sampling, logprob_flags[i], routes_flag, start_len, rid))
-    return GenerateRequest(items, is_batch, stream)
+        items.append(GenerateItem(
+            prompt_ids, sampling, logprob_flags[i], req.return_routed_experts, start_len, rid, req.routed_experts_format
+        ))
+    return GenerateRequest(items, is_batch, req.stream)
 
 
 def sampling_from_sglang(params: Any) -> SamplingParams:
     """SGLang ``sampling_params`` -> ``SamplingParams``; unknown or mistyped keys are refused by name."""
-    if not isinstance(params, dict):
+    if isinstance(params, SGLangSamplingBody):
+        checked = params
+    elif not isinstance(params, dict):
         raise ValueError(f"sampling_params must be an object, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(_SAMPLING_FIELDS) - _INERT_SAMPLING_KEYS)
-    if unknown:
-        raise ValueError(f"unsupported sampling_params {unknown}; supported: {sorted(_SAMPLING_FIELDS)}")
-    if "max_new_tokens" not in params:
+    else:
+        try:
+            checked = SGLangSamplingBody.model_validate(params)
+        except ValidationError as exc:
+            unknown = sorted(e["loc"][0] for e in exc.errors() if e["type"] == "extra_forbidden")
+            if unknown:
+                raise ValueError(f"unsupported sampling_params {unknown}; supported: {sorted(_SAMPLING_FIELDS)}") from None
+            raise ValueError(f"sampling_params.{_validation_message(exc)}") from None
+    if checked.max_new_tokens is None:
         raise ValueError("sampling_params.max_new_tokens is required")
-    kwargs = {_SAMPLING_FIELDS[k]: v for k, v in params.items() if k in _SAMPLING_FIELDS and v is not None}
-    for key in ("temperature", "top_p"):
-        if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], (int, float))):
-            raise ValueError(f"sampling_params.{key} must be a number, got {kwargs[key]!r}")
-    if "stop_token_ids" in kwargs and not isinstance(kwargs["stop_token_ids"], list):
-        raise ValueError(f"sampling_params.stop_token_ids must be a list, got {kwargs['stop_token_ids']!r}")
+    kwargs = {ours: getattr(checked, theirs) for theirs, ours in _SAMPLING_FIELDS.items()}
     try:
-        return SamplingParams(**kwargs)
+        return SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
     except ValueError as exc:
         raise ValueError(f"sampling_params: {exc}") from None
 
@@ -307,7 +438,11 @@ def build_reply(
                 f"[{item.start_len}, {rollout.num_tokens - 1})"
             )
         spec.check(routes, "engine routes")
-        meta["routed_experts"] = routes.to_sglang(spec.num_hidden_layers)
+        if item.routes_format == ROUTES_R3:
+            meta["routed_experts"] = routes.to_base64()
+            meta["routed_experts_format"] = ROUTES_R3
+        else:
+            meta["routed_experts"] = routes.to_sglang(spec.num_hidden_layers)
     meta.update(dp_rank=None, e2e_latency=e2e_latency, response_sent_to_client_ts=time.time())
     return reply
 
@@ -348,7 +483,7 @@ def finish_reason_to_sglang(rollout: Rollout) -> dict[str, Any]:
         return {"type": "length", "length": len(rollout.output_ids)}
     if rollout.finish_reason == FINISH_STOP:
         return {"type": "stop", "matched": int(rollout.output_ids[-1]) if rollout.output_ids else None}
-    return {"type": "abort", "message": "aborted by the engine"}
+    return {"type": "abort", "message": str(rollout.meta.get(ERROR_META_KEY, "aborted by the engine"))}
 
 
 def error_body(message: str) -> dict[str, Any]:
@@ -376,32 +511,21 @@ def _int_list(values: list, what: str) -> list[int]:
     return list(values)
 
 
-_JSON_TYPE_NAMES = {dict: "an object", list: "a list", bool: "a boolean", int: "an integer", str: "a string"}
-
-
-def _typed(value: Any, kind: type, what: str) -> Any:
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise ValueError(f"{what} must be {_JSON_TYPE_NAMES[kind]}, got {value!r}")
-    return value
-
-
-def _per_item(value: Any, n: int, what: str, kind: type, default: Any) -> list[Any]:
-    """SGLang accepts one value for the whole batch or a list with one per prompt."""
+def _spread(value: Any, n: int, what: str, default: Any) -> list[Any]:
+    """One value for the whole batch, or a list with one per prompt (its length checked)."""
     if value is None:
         return [default] * n
     if isinstance(value, list):
         if len(value) != n:
             raise ValueError(f"{what} has {len(value)} entries for {n} prompts")
-        return [_typed(v, kind, f"{what}[{i}]") for i, v in enumerate(value)]
-    return [_typed(value, kind, what)] * n
+        return list(value)
+    return [value] * n
 
 
-def _token_ids(prompt: Any, where: str, vocab_size: int) -> list[int]:
-    if not isinstance(prompt, list) or not prompt:
+def _token_ids(prompt: list[int], where: str, vocab_size: int) -> list[int]:
+    if not prompt:
         raise ValueError(f"{where} must be a non-empty list of token ids")
     for j, t in enumerate(prompt):
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise ValueError(f"{where}[{j}] = {t!r} is not an integer token id")
         if not 0 <= t < vocab_size:
             raise ValueError(f"{where}[{j}] = {t} is outside the vocabulary [0, {vocab_size})")
     return list(prompt)

@@ -38,7 +38,7 @@ def test_defaults_fill_in():
     ({"model": MODEL, "rollout": {"num_prompts": 0}}, "rollout.num_prompts: must be >= 1, got 0"),
     ({"model": MODEL, "trainer": {"replay": "r4"}}, "trainer.replay: expected one of off, r2, r3, got 'r4'"),
     ({"model": MODEL, "trainer": {"device": "gpu"}}, "trainer.device: expected"),
-    ({"model": MODEL, "rollout": {"sampling": {"top_p": 0}}}, "rollout.sampling: top_p must be in (0, 1]"),
+    ({"model": MODEL, "rollout": {"sampling": {"top_p": 0}}}, "rollout.sampling: top_p must be in [1e-06, 1]"),
     ({"model": MODEL, "rollout": {"sampling": {"stop_token_ids": [1, "x"]}}},
      "rollout.sampling.stop_token_ids: expected a list of integers"),
     ({"model": MODEL, "rollout": {"sampling": 3}}, "rollout.sampling: expected a mapping, got 3"),

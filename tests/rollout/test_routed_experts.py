@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +14,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollout import RoutedExperts
-from rollout.routed_experts import HEADER_BYTES, compact_dtype, sentinel_for
+from rollout.routed_experts import _HEADER, FORMAT_VERSION, HEADER_BYTES, MAGIC, compact_dtype, sentinel_for
+
+# R3_FUZZ_SCALE=100 turns these bounded fuzz tests into the long campaign (docs/benchmarks.md, issue 14).
+FUZZ_SCALE = int(os.environ.get("R3_FUZZ_SCALE", "1"))
+
+
+def handmade_blob(version: int, ids: bytes, shape=(1, 1, 2), num_experts: int = 8, moe_layers=None) -> bytes:
+    """An encoded payload built field by field (uint8 ids), with the CRC each format version defines."""
+    tokens, layers, top_k = shape
+    table = np.asarray(moe_layers if moe_layers is not None else range(layers), "<u2").tobytes()
+    payload = table + ids
+    head = _HEADER.pack(MAGIC, version, 1, 0, tokens, layers, top_k, num_experts, 0, 0)[:-4]
+    crc = zlib.crc32(payload, zlib.crc32(head)) if version >= 2 else zlib.crc32(payload)
+    return head + struct.pack("<I", crc) + payload
 
 
 def random_routes(rng: np.random.Generator, tokens: int, layers: int, top_k: int, num_experts: int) -> np.ndarray:
@@ -172,25 +187,49 @@ class TestCorruptPayloads:
             RoutedExperts.decode(bytes(bad))
 
     def test_out_of_range_id_with_valid_crc(self):
-        """A writer that skipped validation: the CRC is fine, the ids are not."""
-        import zlib
-
-        from rollout.routed_experts import _HEADER, FORMAT_VERSION, MAGIC
-
-        payload = np.array([0], "<u2").tobytes() + bytes([0, 9])
-        blob = _HEADER.pack(MAGIC, FORMAT_VERSION, 1, 0, 1, 1, 2, 8, 0, zlib.crc32(payload)) + payload
-        with pytest.raises(ValueError, match=">= num_experts"):
-            RoutedExperts.decode(blob)
+        """A writer that skipped validation: the CRC is fine, the ids are not (both format versions)."""
+        for version in (1, 2):
+            with pytest.raises(ValueError, match=">= num_experts"):
+                RoutedExperts.decode(handmade_blob(version, bytes([0, 9])))
 
     def test_duplicate_ids_with_valid_crc(self):
-        import zlib
+        for version in (1, 2):
+            with pytest.raises(ValueError, match="duplicate"):
+                RoutedExperts.decode(handmade_blob(version, bytes([4, 4])))
 
-        from rollout.routed_experts import _HEADER, FORMAT_VERSION, MAGIC
+    def test_every_header_bit_flip_is_caught(self, blob):
+        """Version 2's CRC covers the header: no single-bit flip anywhere decodes into other routes."""
+        for byte in range(len(blob)):
+            for bit in range(8):
+                bad = bytearray(blob)
+                bad[byte] ^= 1 << bit
+                with pytest.raises(ValueError):
+                    RoutedExperts.decode(bytes(bad))
 
-        payload = np.array([0], "<u2").tobytes() + bytes([4, 4])
-        blob = _HEADER.pack(MAGIC, FORMAT_VERSION, 1, 0, 1, 1, 2, 8, 0, zlib.crc32(payload)) + payload
-        with pytest.raises(ValueError, match="duplicate"):
-            RoutedExperts.decode(blob)
+    def test_version_1_still_decodes(self, blob):
+        routes = RoutedExperts.decode(blob)
+        old = handmade_blob(1, routes.ids.tobytes(), shape=routes.ids.shape, num_experts=8)
+        assert RoutedExperts.decode(old) == routes
+        assert struct.unpack_from("<H", blob, 4)[0] == FORMAT_VERSION == 2
+
+    def test_a_lying_header_allocates_nothing(self):
+        """The largest shape the header can declare, over a few bytes: refused before any array is built."""
+        import tracemalloc
+
+        huge = _HEADER.pack(MAGIC, 2, 2, 0, 2**32 - 1, 2**16 - 1, 2**16 - 1, 65535, 0, 0) + b"\0" * 64
+        tracemalloc.start()
+        with pytest.raises(ValueError, match="truncated"):
+            RoutedExperts.decode(huge)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1 << 20
+
+    def test_non_bytes_input_is_a_value_error(self):
+        for junk in ("R3RE", 5, None, [1, 2, 3]):
+            with pytest.raises(ValueError, match="must be bytes"):
+                RoutedExperts.decode(junk)
+            with pytest.raises(ValueError, match="base64"):
+                RoutedExperts.from_base64(junk if not isinstance(junk, str) else junk + "!")
 
     def test_bad_base64(self):
         with pytest.raises(ValueError, match="base64"):
@@ -225,3 +264,99 @@ def test_sglang_dense_layers_must_be_zero():
     with pytest.raises(ValueError, match=r"non-zero ids in layers \[0, 2\]"):
         RoutedExperts.from_sglang(base64.b64encode(full.tobytes()).decode(), num_experts=8, num_hidden_layers=3,
                                   top_k=2, moe_layers=[1])
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        np.array([[[0, -5]]]),
+        np.array([[[-(2**31), 1]]], dtype=np.int32),
+        np.array([[[2**64 - 1, 1]]], dtype=np.uint64),  # a wrapped -1 is not the sentinel
+        np.array([[[-2, -2]]], dtype=np.int8),
+        torch.tensor([[[3, -7]]]),
+    ],
+)
+def test_negative_ids_other_than_minus_one_are_errors(ids):
+    with pytest.raises(ValueError, match="negative|out of range"):
+        RoutedExperts(ids, 8)
+
+
+def test_negative_ids_are_errors_in_every_converter():
+    full = np.array([[[0, 1], [-3, 2]]], dtype=np.int32)
+    b64 = base64.b64encode(full.astype("<i4").tobytes()).decode()
+    with pytest.raises(ValueError, match="negative"):
+        RoutedExperts.from_sglang(b64, num_experts=8, num_hidden_layers=2, top_k=2)
+    with pytest.raises(ValueError, match="negative"):
+        RoutedExperts.from_vllm(full, num_experts=8)
+    # The documented sentinel survives every path: -1 rows in, -1 rows out of to_torch, and back.
+    routes = RoutedExperts(np.array([[[0, 1]], [[-1, -1]]]), 8)
+    assert RoutedExperts(routes.to_torch(), 8) == routes
+    assert RoutedExperts.from_vllm(routes.to_int32(), num_experts=8) == routes
+
+
+def test_constructor_arguments_are_checked_by_name():
+    ids = np.zeros((1, 1, 1), np.int64)
+    for kwargs, match in [
+        ({"num_experts": None}, "num_experts"),
+        ({"num_experts": 8.0}, "num_experts"),
+        ({"num_experts": 8, "start": 1.5}, "start"),
+        ({"num_experts": 8, "start": -1}, "start"),
+        ({"num_experts": 8, "start": 2**63}, "start"),
+        ({"num_experts": 8, "moe_layers": [True]}, "moe_layers"),
+        ({"num_experts": 8, "moe_layers": [70000]}, "moe_layers"),
+        ({"num_experts": 8, "moe_layers": 3}, "moe_layers"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            RoutedExperts(ids, **kwargs)
+
+
+def test_newer_sglang_compact_wire_dtypes():
+    """SGLang with SGLANG_ROUTED_EXPERTS_DTYPE=uint8/uint16 names the dtype in meta_info; the same routes come back."""
+    rng = np.random.default_rng(4)
+    routes = RoutedExperts(random_routes(rng, 5, 2, 2, 300), 300, moe_layers=[1, 2])
+    full = np.zeros((5, 3, 2), np.int64)
+    full[:, 1:] = routes.to_int32()
+    for wire in ("int32", "uint16"):
+        b64 = base64.b64encode(full.astype(np.dtype(wire).newbyteorder("<")).tobytes()).decode()
+        back = RoutedExperts.from_sglang(
+            b64, num_experts=300, num_hidden_layers=3, top_k=2, moe_layers=[1, 2], num_tokens=5, wire_dtype=wire
+        )
+        assert back == routes
+    with pytest.raises(ValueError, match="not a multiple"):  # uint16 bytes read as int32: the length tells
+        RoutedExperts.from_sglang(b64[:-4], num_experts=300, num_hidden_layers=3, top_k=2, moe_layers=[1, 2])
+    with pytest.raises(ValueError, match="routed_experts_dtype"):
+        RoutedExperts.from_sglang(b64, num_experts=300, num_hidden_layers=3, top_k=2, wire_dtype="int64")
+
+
+# ------------------------------------------------------------------ fuzzing (bounded; the big run is in bench/)
+@settings(max_examples=200 * FUZZ_SCALE, deadline=None)
+@given(st.binary(max_size=256))
+def test_fuzz_arbitrary_bytes_raise_only_value_error(data):
+    for blob in (data, MAGIC + data, MAGIC + struct.pack("<H", 2) + data):
+        try:
+            RoutedExperts.decode(blob)
+        except ValueError:
+            pass
+
+
+@settings(max_examples=200 * FUZZ_SCALE, deadline=None)
+@given(shapes, st.data())
+def test_fuzz_mutated_payloads_never_decode_silently(shape, data):
+    """A burst of up to 4 changed bytes, a cut or an insertion: always a ValueError (CRC32 catches every such burst)."""
+    _, re = make(*shape)
+    blob = bytearray(re.encode())
+    kind = data.draw(st.sampled_from(["burst", "cut", "insert"]))
+    if kind == "burst":
+        at = data.draw(st.integers(0, len(blob) - 1))
+        width = data.draw(st.integers(1, min(4, len(blob) - at)))
+        noise = data.draw(st.binary(min_size=width, max_size=width))
+        if noise == bytes(blob[at : at + width]):
+            return
+        blob[at : at + width] = noise
+    elif kind == "cut":
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
+    else:
+        at = data.draw(st.integers(0, len(blob)))
+        blob[at:at] = data.draw(st.binary(min_size=1, max_size=8))
+    with pytest.raises(ValueError):
+        RoutedExperts.decode(bytes(blob))

@@ -179,17 +179,30 @@ def test_concurrent_clients_get_their_own_routes(server, worker, sglang_fixture)
 BAD_REQUESTS = [
     (b"{not json", 400, "not valid JSON"),
     (b"\xff\xfe", 400, "not valid JSON"),
-    ({"input_ids": "hello", "sampling_params": {"max_new_tokens": 2}}, 400, "non-empty list"),
-    ({"input_ids": [1, 2.5], "sampling_params": {"max_new_tokens": 2}}, 400, "not an integer"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "recursion limit"),  # deep nesting: no RecursionError, no dropped connection
+    ({"input_ids": "hello", "sampling_params": {"max_new_tokens": 2}}, 400, "input_ids: Input should be a valid list"),
+    ({"input_ids": [1, 2.5], "sampling_params": {"max_new_tokens": 2}}, 400, "input_ids[1]: Input should be a valid integer"),
     ({"input_ids": [1, 512], "sampling_params": {"max_new_tokens": 2}}, 400, "outside the vocabulary"),
     ({"input_ids": [1, -3], "sampling_params": {"max_new_tokens": 2}}, 400, "outside the vocabulary"),
-    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**12}}, 400, "maximum sequence length"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**9}}, 400, "maximum sequence length"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**12}}, 400, "max_new_tokens must be an integer in"),
     ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -1}}, 400, "max_new_tokens"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": None}}, 400, "max_new_tokens is required"),
     ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "temperature": "warm"}}, 400, "temperature"),
+    (b'{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "temperature": 1' + b"0" * 400 + b"}}",
+     400, "sampling_params.temperature"),  # 1e400 as a JSON integer
+    (b'{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "temperature": 1e400}}', 400, "finite number"),
+    (b'{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "top_p": NaN}}', 400, "finite number"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "sampling_seed": 2**63}}, 400, "seed must be"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2, "top_k": 2**63}}, 400, "top_k must be"),
+    (b'{"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1' + b"0" * 5000 + b"}}", 400, "not valid JSON"),
     ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}, "return_routed_experts": "yes"}, 400, "boolean"),
     ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}, "routed_experts_start_len": 3}, 400, "start_len"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}, "stream": None}, 400, "stream"),
+    ({"input_ids": None, "sampling_params": {"max_new_tokens": 2}}, 400, "input_ids"),
     ({"text": "hello", "sampling_params": {"max_new_tokens": 2}}, 400, "input_ids"),
     ([1, 2, 3], 400, "JSON object"),
+    (b"", 400, "not valid JSON"),
 ]
 
 

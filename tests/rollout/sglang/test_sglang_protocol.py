@@ -224,16 +224,24 @@ def test_batch_requests():
         ({"text": "hi", "sampling_params": {"max_new_tokens": 1}}, "input_ids"),
         ({"sampling_params": {"max_new_tokens": 1}}, "input_ids is required"),
         ({"input_ids": [], "sampling_params": {"max_new_tokens": 1}}, "non-empty"),
-        ({"input_ids": "12", "sampling_params": {"max_new_tokens": 1}}, "non-empty list"),
-        ({"input_ids": [1, "2"], "sampling_params": {"max_new_tokens": 1}}, "not an integer"),
-        ({"input_ids": [1, True], "sampling_params": {"max_new_tokens": 1}}, "not an integer"),
+        ({"input_ids": "12", "sampling_params": {"max_new_tokens": 1}}, "input_ids: Input should be a valid list"),
+        ({"input_ids": [1, "2"], "sampling_params": {"max_new_tokens": 1}}, r"input_ids\[1\]: .* valid integer"),
+        ({"input_ids": [1, True], "sampling_params": {"max_new_tokens": 1}}, r"input_ids\[1\]: .* valid integer"),
+        ({"input_ids": [[1], [2.0]], "sampling_params": {"max_new_tokens": 1}}, r"input_ids\[1\]\[0\]: .* integer"),
         ({"input_ids": [1, 99], "sampling_params": {"max_new_tokens": 1}}, "outside the vocabulary"),
         ({"input_ids": [-1], "sampling_params": {"max_new_tokens": 1}}, "outside the vocabulary"),
         ({"input_ids": [1], "sampling_params": {"max_new_tokens": 10**9}}, "maximum sequence length"),
         ({"input_ids": [1], "sampling_params": {"max_new_tokens": 0}}, "max_new_tokens"),
         ({"input_ids": [1], "sampling_params": {"max_new_tokens": "4"}}, "max_new_tokens"),
         ({"input_ids": [1], "sampling_params": {}}, "max_new_tokens is required"),
-        ({"input_ids": [1], "sampling_params": "x"}, "sampling_params must be an object"),
+        ({"input_ids": [1], "sampling_params": "x"}, "sampling_params: Input should be a JSON object"),
+        ({"input_ids": [1], "sampling_params": {"max_new_tokens": None}}, "max_new_tokens is required"),
+        ({"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "sampling_seed": 2**63}}, "seed"),
+        ({"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "top_k": 2**63}}, "top_k"),
+        ({"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "temperature": float("inf")}}, "finite"),
+        ({"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "temperature": 10**400}}, "temperature"),
+        ({"input_ids": None, "sampling_params": {"max_new_tokens": 1}}, "input_ids"),
+        ({"input_ids": [1], "sampling_params": {"max_new_tokens": 1}, "routed_experts_format": "x"}, "routed_experts_format"),
         ({"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "temperature": "hot"}}, "temperature"),
         ({"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "min_p": 0.1}}, "min_p"),
         ({"input_ids": [1], "sampling_params": {"max_new_tokens": 1}, "return_logprob": "yes"}, "return_logprob"),
@@ -252,3 +260,39 @@ def test_sampling_params_from_sglang_defaults():
     assert sampling_from_sglang({"max_new_tokens": 3, "temperature": 0}) == SamplingParams(3, temperature=0)
     assert sampling_from_sglang({"max_new_tokens": 3, "skip_special_tokens": True}) == SamplingParams(3)
 
+
+
+@pytest.mark.parametrize("wire", ["uint16", "uint8"])
+def test_a_reply_naming_a_compact_dtype_decodes_to_the_same_routes(recorded, spec, wire):
+    """Newer SGLang (SGLANG_ROUTED_EXPERTS_DTYPE; 0.5.17 has only int32) names its dtype in meta_info."""
+    case = copy.deepcopy(recorded["cases"][CASE_PREFIX_SOURCE])
+    want = _decode(case, spec).routed_experts
+    meta = case["reply"]["meta_info"]
+    ints = np.frombuffer(base64.b64decode(meta["routed_experts"]), "<i4")
+    meta["routed_experts"] = base64.b64encode(ints.astype(np.dtype(wire).newbyteorder("<")).tobytes()).decode()
+    meta["routed_experts_dtype"] = wire
+    assert _decode(case, spec).routed_experts == want
+    meta.pop("routed_experts_dtype")  # compact bytes read as int32: the length check names the likely cause
+    with pytest.raises(ValueError, match="a dtype the reply does not name"):
+        _decode(case, spec)
+    meta["routed_experts_dtype"] = "float32"
+    with pytest.raises(ValueError, match="routed_experts_dtype='float32'"):
+        _decode(case, spec)
+
+
+def test_compact_r3_replies_are_checked_like_int32_ones(recorded, spec):
+    case = copy.deepcopy(recorded["cases"][CASE_PREFIX_SOURCE])
+    want = _decode(case, spec).routed_experts
+    meta = case["reply"]["meta_info"]
+    meta.update(routed_experts=want.to_base64(), routed_experts_format="r3")
+    assert _decode(case, spec).routed_experts == want
+    meta["routed_experts"] = want.slice(1).to_base64()  # one row short: not the rows the request needs
+    with pytest.raises(ValueError, match="but the request needs"):
+        _decode(case, spec)
+    blob = bytearray(base64.b64decode(want.to_base64()))
+    blob[20] ^= 1  # a bit of the header's start field: caught by the v2 CRC
+    meta["routed_experts"] = base64.b64encode(bytes(blob)).decode()
+    with pytest.raises(ValueError, match="CRC32"):
+        _decode(case, spec)
+    assert build_request([1], SamplingParams(1), routes_format="r3")["routed_experts_format"] == "r3"
+    assert "routed_experts_format" not in build_request([1], SamplingParams(1))  # SGLang itself refuses the field
