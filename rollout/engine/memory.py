@@ -22,6 +22,10 @@ TOKENS_PER_REQUEST = 256  # pool slots per request-table row when max_running_re
 MIN_RUNNING_REQUESTS = 256  # rows are cheap: a small pool still admits this many (preempting when it runs dry)
 MAX_RUNNING_REQUESTS = 1024  # decode graphs are captured up to the limit: this bounds their number
 MIN_KV_SLOTS = 1024  # a pool smaller than this from the memory budget means the fraction leaves no room
+# The host side grows with the pool (the slot free list, the route cache: num_moe_layers * top_k bytes a slot),
+# so a derived pool stops at 4M tokens: bench-qwen3-moe on an H200 gets ~4.2M from 0.85 of its memory, and a
+# tiny model would otherwise get ~100M slots it can never use. Set kv_slots to go past it.
+MAX_KV_SLOTS = 1 << 22
 
 
 def kv_bytes_per_slot(arch: ModelArch, dtype: torch.dtype) -> int:
@@ -49,7 +53,7 @@ def size_from_memory(config: EngineConfig, arch: ModelArch, dtype: torch.dtype) 
         torch.cuda.empty_cache()  # loading leaves freed staging blocks cached: they are not in use
         free, total = torch.cuda.mem_get_info(device)
         used = total - free
-        kv_slots = kv_slots_for(int(total * fraction) - used, arch, dtype)
+        kv_slots = min(MAX_KV_SLOTS, kv_slots_for(int(total * fraction) - used, arch, dtype))
         if kv_slots < MIN_KV_SLOTS:
             gib = 1 << 30
             raise ValueError(
