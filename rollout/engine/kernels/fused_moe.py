@@ -20,19 +20,19 @@ which other tokens share the batch do not change its bits. The config is looked 
 number of tokens (``config_for``) on power-of-two keys, which are also CUDA-graph batch
 sizes, so a graph padded to its bucket and the eager step it replaces use the same config.
 
-Configs: a tuned table (``bench/moe_tune.py`` writes one per device and shape) is read from
-``$R3_MOE_CONFIG_DIR`` or this package's ``moe_configs/``; without one, ``default_config``.
+Configs: a tuned table (``bench/kernels_microbench.py --tune`` writes one per device and shape) is
+found through ``tuned.find_config``; without one, ``default_config``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
+
+from rollout.engine.kernels.tuned import device_tag, find_config
 
 try:
     import triton
@@ -41,8 +41,6 @@ except ImportError:  # CPU-only installs: the engine keeps its torch experts
     triton = None
 
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
-CONFIG_DIR_ENV = "R3_MOE_CONFIG_DIR"
-PACKAGE_CONFIG_DIR = Path(__file__).with_name("moe_configs")
 # table keys: powers of two, each also a decode-graph batch size (see cuda_graph.graph_batch_sizes)
 CONFIG_KEYS = tuple(1 << i for i in range(15))
 _LAYOUT_BLOCK = 1024  # pairs per program of the layout kernels
@@ -87,9 +85,9 @@ class MoEShape:
     top_k: int
     dtype: str  # "bfloat16", ...
 
-    def file_name(self, device_name: str) -> str:
-        device = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
-        return f"E={self.num_experts},H={self.hidden},I={self.inter},K={self.top_k},dtype={self.dtype},device={device}.json"
+    def file_name(self, device: str) -> str:
+        """``device`` as ``tuned.device_tag`` spells it."""
+        return f"fused_moe_E{self.num_experts}_H{self.hidden}_I{self.inter}_K{self.top_k}_{self.dtype}_{device}.json"
 
 
 def default_config(num_tokens: int, shape: MoEShape) -> MoEConfig:
@@ -109,21 +107,17 @@ def table_key(num_tokens: int) -> int:
     return next((k for k in CONFIG_KEYS if k >= num_tokens), CONFIG_KEYS[-1])
 
 
-def config_for(num_tokens: int, shape: MoEShape, device_name: str) -> MoEConfig:
-    table = load_table(shape, device_name)
+def config_for(num_tokens: int, shape: MoEShape, device: str) -> MoEConfig:
+    table = load_table(shape, device)
     key = table_key(num_tokens)
     return table.get(key) or default_config(key, shape)
 
 
 @lru_cache(maxsize=None)
-def load_table(shape: MoEShape, device_name: str) -> dict[int, MoEConfig]:
-    """The tuned table for this shape and device: ``$R3_MOE_CONFIG_DIR`` first, then the package's; {} if none."""
-    dirs = [Path(os.environ[CONFIG_DIR_ENV])] if os.environ.get(CONFIG_DIR_ENV) else []
-    for folder in dirs + [PACKAGE_CONFIG_DIR]:
-        path = folder / shape.file_name(device_name)
-        if path.is_file():
-            return parse_table(path.read_text(), str(path))
-    return {}
+def load_table(shape: MoEShape, device: str) -> dict[int, MoEConfig]:
+    """The tuned table for this shape and device (``tuned.find_config``); {} if there is none."""
+    path = find_config(shape.file_name(device))
+    return parse_table(path.read_text(), str(path)) if path is not None else {}
 
 
 def parse_table(text: str, source: str) -> dict[int, MoEConfig]:
@@ -243,17 +237,12 @@ def fused_experts(x: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor, g
         return x.new_zeros(0, hidden)
     shape = MoEShape(num_experts, hidden, two_inter // 2, k, str(x.dtype).removeprefix("torch."))
     if config is None:
-        config = config_for(n, shape, _device_name(x.device))
+        config = config_for(n, shape, device_tag(x.device))
     config = fit(config, shape)
     layout = pair_layout(top_ids, num_experts, config.block_m)
     act = gate_up_act(x, gate_up, layout, k, config.up)
     pairs = down_weighted(act, down, top_w.reshape(-1), layout, config.down)
     return pairs.view(n, k, hidden).sum(dim=1)  # fixed order over k; accumulates in fp32
-
-
-@lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 # ----------------------------------------------------------------------------- kernels

@@ -11,6 +11,7 @@ from rollout.engine.kernels import fused_moe  # noqa: E402
 from rollout.engine.kernels.fused_moe import (  # noqa: E402
     GemmConfig, MoEConfig, MoEShape, config_for, fused_experts, pair_layout, parse_table, table_key,
 )
+from rollout.engine.kernels.tuned import CONFIG_DIR_ENV  # noqa: E402
 from rollout.engine.models.layers import experts_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,13 +103,13 @@ def test_graph_padding_keeps_the_config():
 def test_tuned_tables_are_read_and_checked(tmp_path, monkeypatch):
     shape = MoEShape(8, 64, 32, 2, "float32")
     tuned = MoEConfig(32, GemmConfig(32, 64, 4, 3), GemmConfig(64, 32, 8, 4))
-    (tmp_path / shape.file_name("Some GPU")).write_text(json.dumps({"64": tuned.to_json()}))
-    monkeypatch.setenv(fused_moe.CONFIG_DIR_ENV, str(tmp_path))
+    (tmp_path / shape.file_name("Some_GPU")).write_text(json.dumps({"64": tuned.to_json()}))
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path))
     fused_moe.load_table.cache_clear()
     try:
-        assert config_for(40, shape, "Some GPU") == tuned
-        assert config_for(100, shape, "Some GPU") == fused_moe.default_config(128, shape)  # untuned key
-        assert config_for(40, shape, "Other GPU") == fused_moe.default_config(64, shape)
+        assert config_for(40, shape, "Some_GPU") == tuned
+        assert config_for(100, shape, "Some_GPU") == fused_moe.default_config(128, shape)  # untuned key
+        assert config_for(40, shape, "Other_GPU") == fused_moe.default_config(64, shape)
     finally:
         fused_moe.load_table.cache_clear()
     with pytest.raises(ValueError, match="powers of two"):
