@@ -218,7 +218,7 @@ class Engine:
         try:
             dev = batch_mod.build(plan, self.table.req_to_slot, self.device)
             hidden = self.model.forward(dev.input_ids, dev.positions, dev.out_cache_loc, dev.meta, self.kv.k, self.kv.v, None)
-            return self.model.logits(hidden).cpu()
+            return self.model.logits(hidden).float().cpu()
         finally:
             self.slots.free(slots)
             self.table.free(row)

@@ -1,5 +1,8 @@
 """Gumbel-max sampling with counter-based noise, fused into one pass over the logits.
 
+``sample_tokens`` is the whole sampler for rows without top-p/top-k (ids and logprobs);
+``gumbel_argmax`` the pick alone, for candidates a torch truncation already masked.
+
 The engine's sampler (``rollout.engine.sampler``) draws its noise as
 ``u = hash(seed, position, vocab index)`` so that a request's randomness does not
 depend on its batch. In torch that is about twenty elementwise ops over an int64
@@ -51,6 +54,37 @@ def gumbel_argmax(candidates: torch.Tensor, seeds: torch.Tensor, positions: torc
     return out
 
 
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                  block_v: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole untruncated sampler in one pass over the logits: ids and their logprobs.
+
+    Same function as ``rollout.engine.sampler.sample`` without top-p/top-k: scaled logits
+    ``logits / T`` (``T = 1`` where ``temperature == 0``, a greedy row, which gets no noise),
+    ``id = argmax(scaled + gumbel(seed, position, v))`` and ``logprob = scaled[id] - logsumexp(scaled)``.
+    The torch path makes about ten passes over ``[B, V]`` in fp32 (the cast, the division, log_softmax's
+    three, the noise); this reads the logits once, in their own dtype (bf16 at 2 bytes an element).
+
+    Args:
+        logits: ``[B, V]`` float32/bfloat16/float16 with contiguous rows.
+        temperature: ``[B]`` float, 0 for greedy; seeds, positions: ``[B]`` int64, non-negative.
+    Returns ``[B]`` int64 ids (lowest index on a tie) and ``[B]`` float32 logprobs.
+    """
+    if triton is None:
+        raise RuntimeError("sample_tokens needs triton")
+    batch, vocab = logits.shape
+    if logits.stride(1) != 1:
+        raise ValueError("logits need contiguous rows")
+    for name, t in (("temperature", temperature), ("seeds", seeds), ("positions", positions)):
+        if t.shape != (batch,):
+            raise ValueError(f"{name} must be [B] with B={batch}, got {tuple(t.shape)}")
+    ids = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(batch, dtype=torch.float32, device=logits.device)
+    if batch:
+        _sample_kernel[(batch,)](logits, temperature, seeds, positions, ids, logprobs, logits.stride(0), vocab,
+                                 BLOCK_V=block_v)
+    return ids, logprobs
+
+
 if triton is not None:
 
     @triton.jit
@@ -93,3 +127,43 @@ if triton is not None:
         top = tl.max(best_val, axis=0)
         winner = tl.min(tl.where(best_val == top, best_idx, 2147483647), axis=0)  # lowest index among equals
         tl.store(out_ptr + row, winner.to(tl.int64))
+
+    @triton.jit
+    def _sample_kernel(logits_ptr, temp_ptr, seeds_ptr, positions_ptr, ids_ptr, logprob_ptr, stride_b, vocab,
+                       BLOCK_V: tl.constexpr):
+        row = tl.program_id(0)
+        temp = tl.load(temp_ptr + row).to(tl.float32)
+        greedy = temp == 0.0
+        temp = tl.where(greedy, 1.0, temp)
+        noise_scale = tl.where(greedy, 0.0, 1.0)
+        seed = tl.load(seeds_ptr + row)
+        seed_key = _hash32(_hash32((seed & 0xFFFFFFFF).to(tl.uint32)) ^ (seed >> 32).to(tl.uint32))
+        row_key = _hash32(seed_key ^ _hash32((tl.load(positions_ptr + row) & 0xFFFFFFFF).to(tl.uint32)))
+
+        lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per-lane online logsumexp
+        lane_sum = tl.zeros([BLOCK_V], tl.float32)
+        best_val = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        best_idx = tl.full([BLOCK_V], 2147483647, tl.int32)
+        best_scaled = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            v = start + tl.arange(0, BLOCK_V)
+            ok = v < vocab
+            scaled = tl.load(logits_ptr + row * stride_b + v, mask=ok, other=float("-inf")).to(tl.float32) / temp  # as torch divides
+            new_max = tl.maximum(lane_max, scaled)
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # a lane with nothing yet: exp(-inf) = 0, never NaN
+            lane_sum = lane_sum * tl.exp(lane_max - safe) + tl.exp(scaled - safe)
+            lane_max = new_max
+            bits = _hash32(row_key ^ _hash32(v.to(tl.uint32) + 0x9E3779B9))
+            u = tl.minimum(((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0), 0.99999994)  # see _gumbel_argmax_kernel
+            noisy = tl.where(ok, scaled + noise_scale * -tl.log(-tl.log(u)), float("-inf"))
+            better = noisy > best_val  # strict: an earlier block keeps a tie
+            best_val = tl.where(better, noisy, best_val)
+            best_idx = tl.where(better, v, best_idx)
+            best_scaled = tl.where(better, scaled, best_scaled)
+        row_max = tl.max(lane_max, axis=0)
+        lse = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
+        top = tl.max(best_val, axis=0)
+        winner = tl.min(tl.where(best_val == top, best_idx, 2147483647), axis=0)  # lowest index among equals
+        winner_scaled = tl.max(tl.where(best_idx == winner, best_scaled, float("-inf")), axis=0)
+        tl.store(ids_ptr + row, winner.to(tl.int64))
+        tl.store(logprob_ptr + row, winner_scaled - lse)

@@ -102,7 +102,8 @@ class MoEModel:
         return self._add_norm(delta, residual, self.weights.final_norm)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weights.lm_head).float()
+        """``[N, V]`` in the model dtype: the sampler reads bf16 logits directly (half the bytes of fp32)."""
+        return F.linear(hidden, self.weights.lm_head)
 
     def _add_norm(self, delta: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor):
         """``(rms_norm(residual + delta), residual + delta)``: the residual stream and the next op's input."""
