@@ -71,18 +71,20 @@ class DecodeGraphs:
         self._logits: dict[int, torch.Tensor] = {}
         if not capture:
             return
+        # one logits buffer for every graph: kept per graph, 68 graphs' [bs, V] outputs would hold ~8 GB
+        out = torch.empty(n, model.arch.vocab_size, dtype=model.dtype, device=device)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
-                self._forward(bs)
+                self._forward(bs, out[:bs])
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._logits[bs] = self._forward(bs)
+                self._logits[bs] = self._forward(bs, out[:bs])
             self._graphs[bs] = graph
 
     @torch.inference_mode()
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, out: torch.Tensor | None = None) -> torch.Tensor:
         ids = self._ids[:bs]
         ids = torch.where(ids < 0, self._future[(-ids - 1).clamp(min=0)], ids)
         rows, pos, loc = self._rows[:bs], self._pos[:bs], self._loc[:bs]
@@ -92,7 +94,7 @@ class DecodeGraphs:
             req_to_slot=self._req_to_slot, decode=True,
         )
         hidden = self._model.forward(ids, pos, loc, meta, self._kv.k, self._kv.v, self._record)
-        return self._model.logits(hidden)
+        return self._model.logits(hidden, out)
 
     def can_run(self, batch: Batch) -> bool:
         n = len(batch.requests)

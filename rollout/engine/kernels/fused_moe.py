@@ -133,13 +133,15 @@ def parse_table(text: str, source: str) -> dict[int, MoEConfig]:
 
 
 def fit(config: MoEConfig, shape: MoEShape) -> MoEConfig:
-    """Tiles no larger than the (power-of-two-rounded) matrix: tiny models keep tiny programs."""
+    """Tiles no larger than the (power-of-two-rounded) matrix, so tiny models keep tiny programs; float32
+    halves ``block_k`` so a stage of tiles takes the shared memory a 16-bit one does."""
     def clamp(size: int, dim: int) -> int:
         return max(MIN_DOT, min(size, triton.next_power_of_2(dim)))
 
-    up = GemmConfig(clamp(config.up.block_n, shape.inter), clamp(config.up.block_k, shape.hidden),
+    wide = 2 if shape.dtype == "float32" else 1
+    up = GemmConfig(clamp(config.up.block_n, shape.inter), clamp(config.up.block_k // wide, shape.hidden),
                     config.up.num_warps, config.up.num_stages)
-    down = GemmConfig(clamp(config.down.block_n, shape.hidden), clamp(config.down.block_k, shape.inter),
+    down = GemmConfig(clamp(config.down.block_n, shape.hidden), clamp(config.down.block_k // wide, shape.inter),
                       config.down.num_warps, config.down.num_stages)
     return MoEConfig(config.block_m, up, down)
 

@@ -48,7 +48,8 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: t
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, req_to_slot: torch.Tensor,
                             table_rows: torch.Tensor, q_starts: torch.Tensor, kv_lens: torch.Tensor, max_q: int,
-                            scale: float | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                            scale: float | None = None, block_m: int | None = None,
+                            block_n: int | None = None) -> torch.Tensor:
     """Causal attention of ``B`` sequences' new tokens over their whole context.
 
     Args:
@@ -58,6 +59,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
         req_to_slot: ``[R, max_context]`` request table; ``table_rows`` ``[B]`` each sequence's row.
         q_starts: ``[B + 1]`` int; ``kv_lens``: ``[B]`` context length after this step (the new tokens included).
         max_q: the longest chunk, host-known (sizes the grid; nothing is read back from the device).
+        block_m, block_n: query and key block sizes; None: 64 (32 for float32, whose tiles take twice the memory).
     """
     if triton is None:
         raise RuntimeError("paged_prefill_attention needs triton")
@@ -76,7 +78,9 @@ def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     if n == 0 or batch == 0:
         return out
     scale = head_dim ** -0.5 if scale is None else scale
-    block_m = max(MIN_DOT, min(block_m, triton.next_power_of_2(max_q)))
+    default = 32 if q.dtype == torch.float32 else 64
+    block_m = max(MIN_DOT, min(block_m or default, triton.next_power_of_2(max_q)))
+    block_n = block_n or default
     grid = (triton.cdiv(max_q, block_m), batch, num_q_heads)
     _prefill_kernel[grid](
         q, k_pool, v_pool, req_to_slot, table_rows, q_starts, kv_lens, out,

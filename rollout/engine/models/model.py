@@ -101,9 +101,14 @@ class MoEModel:
             delta = self._mlp(x, w, i, record)
         return self._add_norm(delta, residual, self.weights.final_norm)[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, V]`` in the model dtype: the sampler reads bf16 logits directly (half the bytes of fp32)."""
-        return F.linear(hidden, self.weights.lm_head)
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, V]`` in the model dtype: the sampler reads bf16 logits directly (half the bytes of fp32).
+
+        ``out``: write into this ``[N, V]`` buffer (the CUDA graphs share one instead of keeping one each).
+        """
+        if out is None:
+            return F.linear(hidden, self.weights.lm_head)
+        return torch.mm(hidden, self.weights.lm_head.t(), out=out)  # what F.linear runs, into the buffer
 
     def _add_norm(self, delta: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor):
         """``(rms_norm(residual + delta), residual + delta)``: the residual stream and the next op's input."""
