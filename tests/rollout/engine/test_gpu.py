@@ -149,6 +149,16 @@ def test_fused_moe_at_bench_shapes(num_tokens):
         assert ((alt.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("check", ["fused_moe", "decode_attention", "prefill_attention", "layer_kernels"])
+def test_every_kernel_at_bench_shapes(check):
+    """Each Triton kernel compiled for bench-qwen3-moe's shapes (bf16) agrees with its fp32 reference
+    (the checks the kernels stage of bench/gpu_suite.sh records; compiled here first, then cached)."""
+    from bench.kernels_microbench import CHECKS, Shapes
+
+    result = CHECKS[check][0](Shapes(), torch.bfloat16, "cuda", lambda fn: 0.0)
+    assert result["ok"], result
+
+
 def _fp32_experts(x, top_ids, top_w, gate_up, down):
     """Dense fp32 reference: every token through its experts, one expert at a time (no host sync needed here)."""
     out = torch.zeros(x.shape[0], x.shape[1], device=x.device)
