@@ -226,9 +226,26 @@ def check_layer_kernels(s: Shapes, dtype: torch.dtype, dev: str, timer: Timer) -
     out["router_topk"] = {"id_agreement": (ids.long() == ref_ids).float().mean().item(),
                           "rel_err": _rel_err(weights, ref_w), "ms": timer(lambda: router_topk(logits, s.top_k, True, False)),
                           "torch_ms": timer(lambda: route_topk(x, router, s.top_k, True, False))}
+    from rollout.engine.kernels.gumbel_sample import sample_tokens
+    from rollout.engine.sampler import SamplingTensors, sample
+
+    logits = torch.randn(n, s.vocab, device=dev, dtype=dtype) * 3
+    temperature = torch.where(torch.arange(n, device=dev) % 4 == 0, 0.0, 0.8)
+    seeds, positions = torch.arange(n, device=dev) * 7919, torch.arange(n, device=dev) + 100
+    params = SamplingTensors(temperature=temperature, top_p=torch.full((n,), 2.0, device=dev),
+                             top_k=torch.full((n,), s.vocab, device=dev), seeds=seeds, positions=positions,
+                             needs_truncation=False, all_greedy=False)
+    ids, lps = sample_tokens(logits, temperature, seeds, positions)
+    ref_ids, ref_lps = sample(logits, params)  # the torch path
+    same = ids == ref_ids
+    out["sampler"] = {"id_agreement": same.float().mean().item(),
+                      "logprob_max_err": (lps - ref_lps)[same].abs().max().item() if same.any() else float("inf"),
+                      "ms": timer(lambda: sample_tokens(logits, temperature, seeds, positions)),
+                      "torch_ms": timer(lambda: sample(logits, params))}
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     out["ok"] = (out["rms_norm"]["rel_err"] < tol and out["rms_norm"]["sum_exact"] and out["rope_kv"]["rel_err"] < tol
-                 and out["router_topk"]["id_agreement"] > 0.99 and out["router_topk"]["rel_err"] < tol)
+                 and out["router_topk"]["id_agreement"] > 0.99 and out["router_topk"]["rel_err"] < tol
+                 and out["sampler"]["id_agreement"] > 0.99 and out["sampler"]["logprob_max_err"] < 1e-3)
     return out
 
 

@@ -19,8 +19,8 @@ ATTENTION_BACKENDS = ("torch", "triton")
 # "torch": one GEMM pair per expert in a host loop (reads the expert counts back: a host sync per MoE layer);
 # "grouped_mm": torch._grouped_mm over tokens sorted by expert (CUDA, bfloat16); "triton": the fused MoE kernel.
 MOE_BACKENDS = ("torch", "grouped_mm", "triton")
-# The per-layer small ops (residual add + RMSNorm, q/k norm + RoPE + KV write, router softmax + top-k):
-# "torch" runs them as separate torch ops, "triton" as one fused kernel each.
+# The small ops (residual add + RMSNorm, q/k norm + RoPE + KV write, router softmax + top-k, and sampling
+# without top-p/top-k): "torch" runs them as separate torch ops, "triton" as one fused kernel each.
 LAYER_KERNELS = ("torch", "triton")
 
 CPU_KV_SLOTS = 65536  # the pool CPU engines get unless kv_slots says otherwise

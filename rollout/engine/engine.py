@@ -237,7 +237,7 @@ class Engine:
             logits = self.model.logits(hidden[sampling.index]) if sampling is not None else None
         next_ids = logprobs = None
         if sampling is not None:
-            tokens, lps = sample(logits, sampling.params)
+            tokens, lps = sample(logits, sampling.params, one_pass=self.config.layer_kernels == "triton")
             self.future_tokens[sampling.rows] = tokens
             next_ids, logprobs = _copy_to_host(tokens), _copy_to_host(lps)
         routes = self.capture.copy_to_cpu(batch.out_cache_loc) if self.capture is not None else None

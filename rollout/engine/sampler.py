@@ -55,9 +55,12 @@ class SamplingTensors:
     all_greedy: bool
 
 
-def sample(logits: torch.Tensor, params: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token ids ``[B]`` int64 and their logprobs ``[B]`` float32 (see module doc)."""
-    if logits.is_cuda and not params.needs_truncation:
+def sample(logits: torch.Tensor, params: SamplingTensors, one_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token ids ``[B]`` int64 and their logprobs ``[B]`` float32 (see module doc).
+
+    ``one_pass``: on CUDA, rows without top-p/top-k go through one Triton kernel (same function).
+    """
+    if one_pass and logits.is_cuda and not params.needs_truncation:
         fused = _fused_sampler()
         if fused is not None:  # the same function in one pass over the (bf16) logits
             return fused(logits.contiguous(), params.temperature, params.seeds, params.positions)

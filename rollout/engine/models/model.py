@@ -43,7 +43,7 @@ class Kernels:
     decode_attention: str = "torch"  # torch | triton
     prefill_attention: str = "torch"  # torch | triton
     moe: str = "torch"  # torch | grouped_mm | triton
-    layer: str = "torch"  # torch | triton: residual + RMSNorm, q/k norm + RoPE + KV write, router top-k
+    layer: str = "torch"  # torch | triton: residual + RMSNorm, q/k norm + RoPE + KV write, router top-k (and the sampler)
 
 
 _ATTENTION: dict[str, tuple[AttentionFn, AttentionFn]] = {  # backend -> (decode, prefill)
