@@ -30,6 +30,7 @@ from bench.sglang_offline import parse_option
 from rollout.atomic import atomic_write_text
 
 WARMUP_STEPS = 3
+MIN_TRACED_LAUNCHES = 50  # fewer kernels a step than this under graphs: the replays were not traced
 # (group, kernel-name pattern), first match wins
 GROUPS = (
     ("moe_gate_up", r"_gate_up_kernel"),
@@ -138,12 +139,21 @@ def _run(model, points, device: str, args) -> int:
 
     bandwidth = copy_bandwidth(device)
     mb = model_bytes(model)
-    engine = Engine(model, device=device, **dict(args.engine_option))
     vocab = read_config(model)["vocab_size"]
-    report = {"device": device_name(device), "model": str(model), "copy_bandwidth_Bps": bandwidth,
-              "config": {k: v for k, v in vars(engine.config).items()}, "points": {}}
+    report = {"device": device_name(device), "model": str(model), "copy_bandwidth_Bps": bandwidth, "points": {}}
+    options = dict(args.engine_option)
+    engine = Engine(model, device=device, **options)
+    report["config"] = dict(vars(engine.config))
     for batch, context in points:
         result = profile_point(engine, vocab, batch, context, args.steps, args.seed)
+        if engine.graphs is not None and result["kernel_launches_per_step"] < MIN_TRACED_LAUNCHES:
+            # this profiler did not trace the kernels inside graph replays: the same step without graphs shows them
+            print(f"{batch}x{context}: {result['kernel_launches_per_step']:.0f} kernels traced a step with CUDA graphs; "
+                  "profiling the same step eagerly", flush=True)
+            engine.close()
+            engine = Engine(model, device=device, **{**options, "cuda_graph": False})
+            eager = profile_point(engine, vocab, batch, context, args.steps, args.seed)
+            result = {**eager, "step_ms": result["step_ms"], "eager_step_ms": eager["step_ms"], "profiled": "eager"}
         floor_bytes = mb.decode_step_bytes(batch, context)
         result["floor_ms"] = floor_bytes / bandwidth * 1e3
         result["floor_bytes"] = {"weights": mb.step_weight_bytes(batch), "kv": batch * context * mb.kv_bytes_per_token,

@@ -50,6 +50,8 @@ fallback_flags() {
     "$STATE/fallbacks.json" | tr '\n' ' '
 }
 left() { echo $((SUITE_BUDGET - (SECONDS - SUITE_START))); }
+# the most a stage may take, so one slow stage leaves time for the next ones (the throughput stage: all that is left)
+declare -A STAGE_CAP=([env]=30 [tests]=200 [kernel_tests]=300 [checkpoint]=150 [roofline]=30 [kernels]=180 [profile]=150)
 
 stage_env() {
   nvidia-smi || true
@@ -113,10 +115,13 @@ run_stage() {
   if ! declare -F "stage_$name" >/dev/null; then echo "unknown stage $name" | tee -a "$OUT/summary.txt"; return; fi
   local limit; limit=$(left)
   if [ "$limit" -lt 30 ]; then echo "$name skipped: suite budget spent" | tee -a "$OUT/summary.txt"; return; fi
+  local cap="${STAGE_CAP[$name]:-$limit}"
+  [ "$cap" -lt "$limit" ] && limit=$cap
   echo "=== $name (suite at $((SECONDS - SUITE_START))s, ${limit}s left)" | tee -a "$LOG"
   # a child bash under timeout, so one hung stage cannot eat the whole call
   export -f "stage_$name" fallback_flags left; export OUT MODEL STATE SGLANG_SITE SUITE_BUDGET SUITE_START
-  timeout --kill-after=10 "$((limit - 5))" bash -c "SECONDS=$((SECONDS - SUITE_START)); SUITE_START=0; stage_$name" 2>&1 \
+  # inside the stage, left() counts down from this stage's own limit
+  timeout --kill-after=10 "$((limit - 5))" bash -c "SUITE_BUDGET=$limit; SUITE_START=0; SECONDS=0; stage_$name" 2>&1 \
     | tee -a "$LOG" | tail -n 40
   rc=${PIPESTATUS[0]}
   printf '%-12s rc=%-4s %5ss\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$OUT/summary.txt"

@@ -61,7 +61,7 @@ class Shapes:
 
 
 QUICK = Shapes(experts=8, top_k=2, hidden=64, inter=32, heads=4, kv_heads=2, head_dim=16, vocab=512,
-               check_tokens=(5, 40), moe_keys=(8, 64), decode_points=((4, 40),))
+               check_tokens=(5, 24), moe_keys=(8, 64), decode_points=((4, 40),))
 # per-GEMM tile candidates (block_n, block_k, num_warps, num_stages), and block heights by token-count key
 UP_CANDIDATES = ((64, 128, 4, 4), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4),
                  (64, 256, 4, 3), (128, 64, 8, 4))

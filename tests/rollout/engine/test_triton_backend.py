@@ -24,7 +24,7 @@ def test_triton_kernels_match_torch(tiny_model_dir, preset):
     """Paged prefill/decode attention, fused MoE and the fused norm/RoPE/router kernels, on every family
     (q/k norm, q/k/v bias, a shared expert, a dense layer, fp32 router weights)."""
     path = tiny_model_dir(preset)
-    sampling = SamplingParams(max_new_tokens=4, temperature=1.0, seed=3)
+    sampling = SamplingParams(max_new_tokens=3, temperature=1.0, seed=3)
     options = dict(device=DEVICE, dtype="float32")
     ref = Engine(path, attention_backend="torch", moe_backend="torch", layer_kernels="torch", overlap=DEVICE == "cpu",
                  **options).generate(PROMPTS, sampling)
@@ -49,7 +49,7 @@ def test_padded_static_buffer_decode_matches_eager(qwen3_dir):
     """The CUDA-graph runner's padded forward, run eagerly here: pad rows must not disturb real ones."""
     from rollout.engine.cuda_graph import DecodeGraphs
 
-    sampling = SamplingParams(max_new_tokens=3, temperature=1.0, seed=4)  # 3 rows run in the size-4 graph
+    sampling = SamplingParams(max_new_tokens=2, temperature=1.0, seed=4)  # 3 rows run in the size-4 graph
     ref = Engine(qwen3_dir, **ALL_TRITON).generate(PROMPTS, sampling)
     engine = Engine(qwen3_dir, max_running_requests=8, **ALL_TRITON)
     engine.graphs = DecodeGraphs(
