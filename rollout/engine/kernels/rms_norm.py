@@ -31,9 +31,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if weight.shape != (hidden,) or (residual is not None and residual.shape != x.shape):
         raise ValueError(f"want x [..., H], weight [H] and residual like x; got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}, {None if residual is None else tuple(residual.shape)}")
-    rows = x.reshape(-1, hidden)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = x.reshape(-1, hidden).contiguous()  # out and the sum are written with the same row stride
     res = residual.reshape(-1, hidden).contiguous() if residual is not None else rows
     out = torch.empty_like(rows)
     summed = torch.empty_like(rows) if residual is not None else rows
