@@ -92,6 +92,22 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _wait_for_device_memory(timeout_s: float = 30.0, free_share: float = 0.9) -> None:
+    """After SGLang's processes exit, their memory comes back a little later: the next engine sizes its KV pool
+    from free memory, so wait (bounded) until most of the device is free again."""
+    if not torch.cuda.is_available():
+        return
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        free, total = torch.cuda.mem_get_info()
+        if free >= free_share * total:
+            return
+        time.sleep(0.5)
+    free, total = torch.cuda.mem_get_info()
+    print(f"[sglang] device memory still held after {timeout_s:.0f}s: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free",
+          flush=True)
+
+
 def check_rollouts(rollouts: list, w: Workload, routes: bool) -> str:
     """A timing only counts if the work was really done: full outputs, and routes of the promised shape."""
     problems = []
@@ -159,6 +175,7 @@ def bench_sglang(args: argparse.Namespace, vocab: int, routes: bool, deadline: f
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, _ = proc.communicate()
             print(f"[sglang] killed after {timeout:.0f}s (budget)", flush=True)
+    _wait_for_device_memory()
     lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
     if not lines:
         raise RuntimeError(f"sglang_offline exited {proc.returncode} without a result (its log is on stderr above)")
