@@ -1,147 +1,135 @@
 #!/usr/bin/env bash
-# Everything issue 8 measures, in one call on the GPU machine. Run from the repository root:
+# Everything issue 15 measures, in stages, on the GPU machine. Run from the repository root:
 #
-#   bash bench/gpu_suite.sh                      # default stages: deps env checkpoint roofline kernels throughput
-#   bash bench/gpu_suite.sh sglang               # real SGLang vs the built-in engine (needs /tmp/sglang-site unpacked;
-#                                                # do not export PYTHONPATH=/tmp/sglang-site: only the SGLang child gets it)
-#   bash bench/gpu_suite.sh env kernels          # any subset, in the order given (a stage may repeat)
+#   bash bench/gpu_suite.sh                                # call 1: env tests checkpoint roofline kernels profile
+#   bash bench/gpu_suite.sh checkpoint throughput          # call 2 (same warm machine): built-in vs SGLang
+#   bash bench/gpu_suite.sh env kernels                    # any subset, in the order given
 #
-# Stages: deps env checkpoint roofline kernels throughput (default), gpu_tests, replay, sglang, suite (the whole pytest
-# suite), eager (built-in engine, routes on/overlap on, torch attention, no CUDA graphs), graphs_off (the same with paged
-# Triton attention). throughput runs the built-in engine with attention_backend=triton and cuda_graph=true.
-# Stage i logs to $OUT/<i>-<stage>.log (JSON results alike) and its wall time to $OUT/summary.txt; a failed stage
-# never stops the next.
-# The whole call stops starting stages once SUITE_BUDGET seconds (default 540) have passed, and caps each stage's
-# timeout by what is left, so the summary and logs come back inside a 10-minute call.
-# Environment: OUT (default ./gpu-out), MODEL (default /tmp/bench-qwen3-moe), STAGE_TIMEOUT seconds (default 420),
-# SGLANG_SITE (default /tmp/sglang-site), WHEELS (folder of pytest wheels, default ./.gpu-wheels), THROUGHPUT_ARGS (extra bench.rollout_throughput flags), REPLAY_ARGS.
+# Stages
+#   env         nvidia-smi, versions, whether SGLang imports (in a child with its own PYTHONPATH)
+#   tests       the gpu-marked engine tests (strict: bit-identical overlap/graphs, sync-free steps, kernels at real shapes)
+#   kernel_tests  the kernel unit tests compiled natively (slow: many shapes; not in the default list)
+#   checkpoint  bench-qwen3-moe (random bf16, 8.1B) at $MODEL, made on the GPU unless it is there already
+#   roofline    copy bandwidth, bf16 matmul rate, bytes per step of each workload
+#   kernels     every Triton kernel checked at the model's shapes; fused MoE and decode attention tuned; writes the
+#               tuned configs to $STATE/kernels (the engine reads them through R3_KERNEL_CONFIG_DIR) and to $OUT,
+#               and the engine options that avoid a failed kernel to $STATE/fallbacks.json
+#   profile     per-kernel times of one decode step at batch 256 and 512 (torch.profiler), beside the step's floor
+#   throughput  the four workloads: built-in engine (routes on/off, overlap on/off) beside SGLang (routes on/off)
+#
+# Time: the call stops starting stages once SUITE_BUDGET seconds (default 520) have passed, caps each stage by what
+# is left, and hands the Python stages their own budget so they stop early and still write their JSON. Each stage's
+# JSON is written as soon as it has anything. Output (at most 8 files come back from $OUT): suite.log (everything),
+# summary.txt (one line a stage), and the stages' JSON files.
+# Environment: OUT (default ./gpu-out), MODEL (default /tmp/bench-qwen3-moe), STATE (default /tmp/r3-state: what a
+# later call on the same warm machine reuses), SGLANG_SITE (default: the PYTHONPATH entry that holds sglang, else
+# /tmp/sglang-site), SUITE_BUDGET, THROUGHPUT_ARGS, PROFILE_ARGS (extra flags).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # works even if the editable install below cannot run
 OUT="${OUT:-$REPO/gpu-out}"
 MODEL="${MODEL:-/tmp/bench-qwen3-moe}"
-STAGE_TIMEOUT="${STAGE_TIMEOUT:-420}"
-SUITE_BUDGET="${SUITE_BUDGET:-540}"
-SGLANG_SITE="${SGLANG_SITE:-/tmp/sglang-site}"
-WHEELS="${WHEELS:-$REPO/.gpu-wheels}"
-mkdir -p "$OUT"
+STATE="${STATE:-/tmp/r3-state}"
+SUITE_BUDGET="${SUITE_BUDGET:-520}"
+if [ -z "${SGLANG_SITE:-}" ]; then  # SGLang's site-packages (with its own transformers) go to the SGLang child only
+  SGLANG_SITE=/tmp/sglang-site
+  IFS=: read -ra entries <<<"${PYTHONPATH:-}"
+  for entry in "${entries[@]}"; do [ -f "$entry/sglang/__init__.py" ] && SGLANG_SITE="$entry"; done
+fi
+export PYTHONPATH="$REPO"  # this project's own stages run on the image's packages
+mkdir -p "$OUT" "$STATE/kernels"
+export R3_KERNEL_CONFIG_DIR="$STATE/kernels"
 SUITE_START=$SECONDS
-STAGE_COUNT=0
+LOG="$OUT/suite.log"
+
+# engine options that avoid kernels the kernels stage found broken, as --engine-option flags
+fallback_flags() {
+  [ -f "$STATE/fallbacks.json" ] || return 0
+  python3 -c 'import json,sys; [print(f"--engine-option {k}={json.dumps(v)}") for k, v in json.load(open(sys.argv[1])).items()]' \
+    "$STATE/fallbacks.json" | tr '\n' ' '
+}
+left() { echo $((SUITE_BUDGET - (SECONDS - SUITE_START))); }
+# the most a stage may take, so one slow stage leaves time for the next ones (the throughput stage: all that is left)
+declare -A STAGE_CAP=([env]=30 [tests]=200 [kernel_tests]=300 [checkpoint]=150 [roofline]=30 [kernels]=180 [profile]=150)
 
 stage_env() {
   nvidia-smi || true
-  python - <<'EOF'
+  python3 - <<'EOF'
 import importlib, platform
 import torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
-for name in ("triton", "transformers", "safetensors", "numpy"):
+for name in ("triton", "transformers", "safetensors", "numpy", "pytest"):
     try:
         print(name, importlib.import_module(name).__version__)
     except Exception as exc:  # report, keep going
         print(name, "unavailable:", exc)
-# torch._grouped_mm self-check: does it exist, and is the calling convention what the engine (models/layers.experts_forward) assumes?
-# Convention assumed: A [M, K] rows sorted by group, B [G, K, N], offs int32 [G] = cumulative END row of each group.
-print("torch._grouped_mm:", hasattr(torch, "_grouped_mm"), "| F.grouped_mm:", hasattr(torch.nn.functional, "grouped_mm"))
-if hasattr(torch, "_grouped_mm") and torch.cuda.is_available():
-    a = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(4, 64, 32, device="cuda", dtype=torch.bfloat16)
-    ends = [5, 5, 23, 40]  # group 1 is empty on purpose
-    out = torch._grouped_mm(a, b, offs=torch.tensor(ends, device="cuda", dtype=torch.int32))
-    starts = [0] + ends[:-1]
-    ref = torch.cat([a[s:e].float() @ b[g].float() for g, (s, e) in enumerate(zip(starts, ends))])
-    rel = ((out.float() - ref).norm() / ref.norm()).item()
-    print(f"torch._grouped_mm(A[M,K], B[G,K,N], offs=cumulative ends int32): rel err {rel:.2e}",
-          "OK" if rel < 1e-2 else "MISMATCH")
-    try:
-        torch._grouped_mm(a.float(), b.float(), offs=torch.tensor(ends, device="cuda", dtype=torch.int32))
-        print("torch._grouped_mm fp32 on CUDA: accepted")
-    except Exception as exc:
-        print("torch._grouped_mm fp32 on CUDA: refused:", str(exc).splitlines()[0])
+if torch.cuda.is_available():
+    free, total = torch.cuda.mem_get_info()
+    print(f"device memory: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
 EOF
+  PYTHONPATH="$SGLANG_SITE" python3 -c 'import sglang; print("sglang", sglang.__version__, "at", sglang.__file__)' \
+    || echo "sglang does not import from $SGLANG_SITE"
+  echo "fallbacks from an earlier kernels stage: $(fallback_flags)"
 }
 
-# The image may lack pytest: install it from carried wheels (pip download pytest pytest-timeout hypothesis, cp312).
-stage_deps() {
-  python -m pip install -e . --no-deps --no-build-isolation -q || echo "editable install failed; using PYTHONPATH"
-  if python -c "import pytest, pytest_timeout, hypothesis" 2>/dev/null; then echo "pytest, pytest-timeout, hypothesis present"
-  elif [ -d "$WHEELS" ]; then python -m pip install -q --no-index --find-links "$WHEELS" pytest pytest-timeout hypothesis
-  else echo "pytest/pytest-timeout/hypothesis missing and no wheel folder at $WHEELS"; return 1; fi
-}
+stage_tests() { python3 -m pytest -m gpu tests/rollout/engine -q -p no:cacheprovider -rfE --timeout 300; }
+
+stage_kernel_tests() { python3 -m pytest tests/rollout/engine/kernels tests/rollout/engine/test_triton_backend.py -q -p no:cacheprovider -rfE; }
 
 stage_checkpoint() {
   if [ -f "$MODEL/config.json" ]; then echo "reusing $MODEL"; else
-    python -m recipes.cli init-model --preset bench-qwen3-moe --out "$MODEL" --device cuda
+    python3 -m recipes.cli init-model --preset bench-qwen3-moe --out "$MODEL" --device cuda
   fi
   du -sh "$MODEL"
+  cat "$MODEL"/*.safetensors > /dev/null  # into the page cache, so the first engine load does not pay the disk
 }
 
-stage_roofline() { python -m bench.roofline --model "$MODEL" --json "$OUT/$STAGE_ID-roofline.json"; }
+stage_roofline() { python3 -m bench.roofline --model "$MODEL" --json "$OUT/roofline.json"; }
 
 stage_kernels() {
-  python -m pytest tests/rollout/engine/kernels -q -p no:cacheprovider
-  python -m bench.kernels_microbench --json "$OUT/$STAGE_ID-microbench.json"
+  python3 -m bench.kernels_microbench --budget-s $(( $(left) - 25 )) --tune-dir "$STATE/kernels" \
+    --fallbacks "$STATE/fallbacks.json" --json "$OUT/kernels.json"
+  local rc=$?
+  cp "$STATE"/kernels/*.json "$OUT"/ 2>/dev/null && ls "$STATE/kernels"
+  return $rc
 }
 
-stage_gpu_tests() { python -m pytest tests -m gpu -q -p no:cacheprovider; }
+stage_profile() {
+  # shellcheck disable=SC2046
+  python3 -m bench.decode_profile --model "$MODEL" $(fallback_flags) --json "$OUT/profile.json" ${PROFILE_ARGS:-}
+}
 
-stage_suite() { python -m pytest tests -q -p no:cacheprovider -x --timeout 300; }
-
-# The engine's CUDA options as of 2026-11-27 21:00 UTC: attention_backend (torch|triton), cuda_graph (bool).
-FAST_OPTIONS="--engine-option attention_backend=triton --engine-option cuda_graph=true"
-
-# The headline table: built-in engine (paged Triton attention + CUDA graphs) in all four modes, and transformers.
 stage_throughput() {
-  python -m bench.rollout_throughput --model "$MODEL" $FAST_OPTIONS --json "$OUT/$STAGE_ID-throughput.json" ${THROUGHPUT_ARGS:-}
-}
-
-# What the CUDA path bought: routes on / overlap on with the torch attention path and no graphs.
-stage_eager() {
-  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on \
-    --json "$OUT/$STAGE_ID-eager.json" ${THROUGHPUT_ARGS:-}
-}
-
-# What the graphs alone bought: paged Triton attention, no graphs.
-stage_graphs_off() {
-  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on \
-    --engine-option attention_backend=triton --json "$OUT/$STAGE_ID-graphs_off.json" ${THROUGHPUT_ARGS:-}
-}
-
-stage_replay() {
-  # its last log line is the JSON result
-  if [ -f bench/replay_overhead.py ]; then
-    python -m bench.replay_overhead ${REPLAY_ARGS:---device cuda --preset bench-qwen3-moe --batch 4 --seq 2048}
-  else echo "bench/replay_overhead.py not present: skipped"; fi
-}
-
-stage_sglang() {
-  if [ ! -d "$SGLANG_SITE/sglang" ]; then echo "no SGLang at $SGLANG_SITE (see ../shared/tools/sglang-on-gpu): skipped"; return 1; fi
-  # Same run, same card: the built-in engine with overlap on beside SGLang's three modes.
-  python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on,off/on --sglang \
-    $FAST_OPTIONS \
-    --sglang-site "$SGLANG_SITE" --json "$OUT/$STAGE_ID-throughput_sglang.json" ${THROUGHPUT_ARGS:-}
+  local sglang=""
+  if [ -f "$SGLANG_SITE/sglang/__init__.py" ]; then sglang="--sglang --sglang-site $SGLANG_SITE"
+  else echo "no SGLang at $SGLANG_SITE: the built-in engine alone"; fi
+  # shellcheck disable=SC2046,SC2086
+  python3 -m bench.rollout_throughput --model "$MODEL" $sglang --budget-s $(( $(left) - 20 )) $(fallback_flags) \
+    --json "$OUT/throughput.json" ${THROUGHPUT_ARGS:-}
 }
 
 run_stage() {
   local name="$1" start=$SECONDS rc
   if ! declare -F "stage_$name" >/dev/null; then echo "unknown stage $name" | tee -a "$OUT/summary.txt"; return; fi
-  STAGE_ID="$((++STAGE_COUNT))"
-  local left=$((SUITE_BUDGET - (SECONDS - SUITE_START)))
-  if [ "$left" -lt 30 ]; then echo "$STAGE_ID $name skipped: suite budget spent" | tee -a "$OUT/summary.txt"; return; fi
-  local limit=$((left < STAGE_TIMEOUT ? left : STAGE_TIMEOUT))
-  echo "=== $STAGE_ID $name (suite at $((SECONDS - SUITE_START))s)"
-  # timeout runs the stage in a child bash so one hung stage cannot eat the whole call
-  export -f "stage_$name"; export OUT MODEL SGLANG_SITE STAGE_ID FAST_OPTIONS WHEELS
-  timeout --kill-after=10 "$limit" bash -c "stage_$name" >"$OUT/$STAGE_ID-$name.log" 2>&1
-  rc=$?
-  printf '%-3s %-12s rc=%-4s %5ss\n' "$STAGE_ID" "$name" "$rc" "$((SECONDS - start))" | tee -a "$OUT/summary.txt"
-  tail -n 25 "$OUT/$STAGE_ID-$name.log"
+  local limit; limit=$(left)
+  if [ "$limit" -lt 30 ]; then echo "$name skipped: suite budget spent" | tee -a "$OUT/summary.txt"; return; fi
+  local cap="${STAGE_CAP[$name]:-$limit}"
+  [ "$cap" -lt "$limit" ] && limit=$cap
+  echo "=== $name (suite at $((SECONDS - SUITE_START))s, ${limit}s left)" | tee -a "$LOG"
+  # a child bash under timeout, so one hung stage cannot eat the whole call
+  export -f "stage_$name" fallback_flags left; export OUT MODEL STATE SGLANG_SITE SUITE_BUDGET SUITE_START
+  # inside the stage, left() counts down from this stage's own limit
+  timeout --kill-after=10 "$((limit - 5))" bash -c "SUITE_BUDGET=$limit; SUITE_START=0; SECONDS=0; stage_$name" 2>&1 \
+    | tee -a "$LOG" | tail -n 40
+  rc=${PIPESTATUS[0]}
+  printf '%-12s rc=%-4s %5ss\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$OUT/summary.txt"
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(deps env checkpoint roofline kernels throughput)
-date -u +"suite start %Y-%m-%dT%H:%M:%SZ stages: ${stages[*]}" | tee -a "$OUT/summary.txt"
+[ ${#stages[@]} -eq 0 ] && stages=(env tests checkpoint roofline kernels profile)
+date -u +"suite start %Y-%m-%dT%H:%M:%SZ stages: ${stages[*]}; budget ${SUITE_BUDGET}s" | tee -a "$OUT/summary.txt"
 for s in "${stages[@]}"; do run_stage "$s"; done
 echo "total $((SECONDS - SUITE_START))s" | tee -a "$OUT/summary.txt"
+cat "$OUT/summary.txt"

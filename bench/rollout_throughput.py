@@ -1,17 +1,26 @@
-"""Rollout throughput: the built-in engine against transformers ``generate`` and real SGLang, same checkpoint.
+"""Rollout throughput: the built-in engine beside real SGLang, same checkpoint, same card, same call.
 
-One table, one column pair per batch size: output tok/s and its share of the
-decode roofline measured on the same device in the same run (``bench.roofline``).
+Workloads are ``BATCHxPROMPT+NEW`` (``--workload``; default the four of issue 15: two short
+ones and two RL-shaped ones with long outputs). Each engine mode loads once and runs every
+workload in turn; SGLang runs routes on and off (overlap on), the built-in engine routes on
+and off with overlap on, and routes on with overlap off.
 
-**tok/s = generated tokens / wall time of the whole generate call**, prefill
-included, timed from the call to its return with the device synchronised on both
-sides. Prompts are random token ids (the same ones for every engine), every
-request runs to ``--new-tokens`` (no stop tokens: the ``ignore_eos`` setting),
-and each engine first runs an untimed warm-up batch of the same size on other
-prompts, so one-off costs (CUDA graph capture, autotuning, allocator growth)
-stay out of the figure while no prompt is served from a prefix cache. The built-in
-engine gets a KV pool that holds every warm-up and timed sequence at once (unless
-``--engine-option kv_slots=N``), so no timed call pays for prefix-cache eviction.
+**tok/s = generated tokens / wall time of the whole generate call**, prefill included, timed
+from the call to its return with the device synchronised on both sides. Prompts are random
+token ids (the same ones for every engine), every request runs to exactly NEW tokens (no stop
+tokens: ``ignore_eos``), and each workload first runs an untimed warm-up of the same batch and
+prompt length on other prompts (4 new tokens), so one-off costs (compilation, allocator growth)
+stay out of the figure and no timed prompt is served from a prefix cache. The built-in engine
+runs its defaults (sized from free memory, like SGLang's ``mem_fraction_static``) plus any
+``--engine-option``; SGLang gets decode CUDA graphs up to the largest batch
+(``cuda_graph_max_bs_decode``) unless an ``--sglang-option`` says otherwise.
+
+"roofline" is the share of ``bench.roofline.workload_roofline`` for that workload: the
+weights each step uses, the KV cache it reads and its logits, over the copy bandwidth
+measured in the same run, plus the prefill floor.
+
+``--budget-s`` bounds the whole run: a job (one engine mode) is started only if the time
+left covers its estimate, and what is measured is written to ``--json`` after every job.
 
 GPU: ``python -m bench.rollout_throughput --model /tmp/bench-qwen3-moe --sglang --json $OUT/throughput.json``
 CPU smoke test: ``python -m bench.rollout_throughput --quick``
@@ -20,6 +29,7 @@ CPU smoke test: ``python -m bench.rollout_throughput --quick``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -35,24 +45,27 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bench.roofline import DEFAULT_WORKLOADS, Workload, copy_bandwidth, device_name, matmul_flops, model_bytes, workload_roofline
 from bench.sglang_offline import RESULT_PREFIX, parse_option
-from bench.roofline import checkpoint_weight_bytes, copy_bandwidth, decode_roofline_tok_s, device_name
 from rollout.atomic import atomic_write_text
-from rollout.engine.config import DTYPES
-from rollout.moe_spec import read_config
 
 QUICK_PRESET = "tiny-qwen3-moe"
-MIN_KV_SLOTS = 65536  # the engine's default pool
+QUICK_WORKLOADS = ("4x16+8", "8x16+8")
 WARMUP_SEED_OFFSET = 1_000_003  # warm-up prompts never share a prefix with timed ones
-BUILTIN_MODES = ((False, True), (True, True), (True, False), (False, False))  # (routes, overlap), issue 8's order
-SGLANG_MODES = ((True, True), (False, True), (True, False))
+WARMUP_NEW_TOKENS = 4
+BUILTIN_MODES = ((True, True), (False, True), (True, False))  # (routes, overlap): the three the targets compare
+SGLANG_ROUTES = (True, False)
+# first guesses of a job's seconds beyond its workloads (load, graph capture), before one was measured
+STARTUP_GUESS_S = {"sglang": 75.0, "builtin": 40.0}
+ASSUMED_ROOFLINE_SHARE = 0.35  # to guess a job's seconds from the roofline before any was measured
 
 
 @dataclass
 class Measurement:
-    engine: str  # "builtin", "transformers" or "sglang"
-    routes: bool | None  # None: the engine cannot capture routes
-    overlap: bool | None
+    engine: str  # "builtin" or "sglang"
+    routes: bool
+    overlap: bool
+    workload: str
     batch: int
     tokens: int
     seconds: float
@@ -62,10 +75,10 @@ class Measurement:
     stats: dict | None = None  # the built-in engine's counters after the timed call
 
 
-def make_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int) -> list[list[int]]:
-    """Random token ids; the seed includes the batch so runs of different sizes share no prefix."""
-    rng = np.random.default_rng(seed + batch)
-    return rng.integers(0, vocab_size, size=(batch, prompt_len)).tolist()
+def make_prompts(vocab_size: int, w: Workload, seed: int) -> list[list[int]]:
+    """Random token ids; the seed includes the shape so workloads share no prefix."""
+    rng = np.random.default_rng([seed, w.batch, w.prompt_len])
+    return rng.integers(0, vocab_size, size=(w.batch, w.prompt_len)).tolist()
 
 
 def _sync(device: str) -> None:
@@ -79,207 +92,202 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _timed(fn: Callable[[], int], device: str) -> tuple[int, float]:
-    """(tokens generated, wall seconds) of one call, device idle before and after."""
-    _sync(device)
-    t0 = time.perf_counter()
-    tokens = fn()
-    _sync(device)
-    return tokens, time.perf_counter() - t0
+def _wait_for_device_memory(timeout_s: float = 30.0, free_share: float = 0.9) -> None:
+    """After SGLang's processes exit, their memory comes back a little later: the next engine sizes its KV pool
+    from free memory, so wait (bounded) until most of the device is free again."""
+    if not torch.cuda.is_available():
+        return
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        free, total = torch.cuda.mem_get_info()
+        if free >= free_share * total:
+            return
+        time.sleep(0.5)
+    free, total = torch.cuda.mem_get_info()
+    print(f"[sglang] device memory still held after {timeout_s:.0f}s: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free",
+          flush=True)
 
 
-def bench_builtin(args: argparse.Namespace, vocab: int, routes: bool, overlap: bool) -> list[Measurement]:
-    from rollout.types import SamplingParams
-    from rollout.worker import RolloutWorker
-
-    sampling = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, seed=args.seed)
-    warm_sampling = SamplingParams(max_new_tokens=min(4, args.new_tokens), temperature=args.temperature, seed=args.seed)
-    results = []
-    with RolloutWorker(args.model, engine="builtin", device=args.device, dtype=args.dtype, overlap=overlap,
-                       return_routed_experts=routes, **args.engine_option) as worker:
-        for batch in args.batch:
-            worker.generate(make_prompts(vocab, batch, args.prompt_len, args.seed + WARMUP_SEED_OFFSET), warm_sampling)
-            prompts = make_prompts(vocab, batch, args.prompt_len, args.seed)
-            rollouts: list = []
-
-            def run() -> int:
-                rollouts[:] = worker.generate(prompts, sampling)
-                return sum(len(r.output_ids) for r in rollouts)
-
-            tokens, seconds = _timed(run, args.device)
-            results.append(Measurement("builtin", routes, overlap, batch, tokens, seconds, tokens / seconds,
-                                       note=_check_rollouts(rollouts, args, routes),
-                                       stats=dict(getattr(worker.backend, "stats", {}))))
-    return results
-
-
-def _check_rollouts(rollouts: list, args: argparse.Namespace, routes: bool) -> str:
+def check_rollouts(rollouts: list, w: Workload, routes: bool) -> str:
     """A timing only counts if the work was really done: full outputs, and routes of the promised shape."""
     problems = []
-    short = sum(len(r.output_ids) != args.new_tokens for r in rollouts)
+    short = sum(len(r.output_ids) != w.new_tokens for r in rollouts)
     if short:
         problems.append(f"{short} requests stopped early ({sorted({r.finish_reason for r in rollouts})})")
     if routes:
-        expected = args.prompt_len + args.new_tokens - 1
+        expected = w.prompt_len + w.new_tokens - 1
         bad = sum(r.routed_experts is None or r.routed_experts.num_tokens != expected for r in rollouts)
         if bad:
             problems.append(f"{bad} requests lack routes for {expected} tokens")
     return "; ".join(problems)
 
 
-def bench_transformers(args: argparse.Namespace, vocab: int) -> list[Measurement]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device_map=args.device,
-                                                 experts_implementation=args.hf_experts)
-    model.eval()
-    print(f"transformers: experts_implementation={model.config._experts_implementation}", flush=True)
-    sampling = dict(do_sample=args.temperature > 0, pad_token_id=0, eos_token_id=None)
-    if args.temperature > 0:
-        sampling.update(temperature=args.temperature, top_k=None, top_p=None)
-
-    def generate(prompts: list[list[int]], new_tokens: int) -> int:
-        ids = torch.tensor(prompts, device=args.device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, **sampling)
-        return (out.shape[1] - ids.shape[1]) * out.shape[0]
+def bench_builtin(args: argparse.Namespace, vocab: int, routes: bool, overlap: bool, deadline: float) -> list[Measurement]:
+    from rollout.types import SamplingParams
+    from rollout.worker import RolloutWorker
 
     results = []
-    for batch in args.batch:
-        generate(make_prompts(vocab, batch, args.prompt_len, args.seed + WARMUP_SEED_OFFSET), min(4, args.new_tokens))
-        prompts = make_prompts(vocab, batch, args.prompt_len, args.seed)
-        tokens, seconds = _timed(lambda: generate(prompts, args.new_tokens), args.device)
-        results.append(Measurement("transformers", None, None, batch, tokens, seconds, tokens / seconds))
+    with RolloutWorker(args.model, engine="builtin", device=args.device, overlap=overlap,
+                       return_routed_experts=routes, **args.engine_option) as worker:
+        engine = worker.backend
+        args.builtin_config = {k: v for k, v in asdict(engine.config).items()}
+        print(f"[builtin] config {args.builtin_config}", flush=True)
+        for w in args.workloads:
+            if time.monotonic() > deadline:
+                print(f"[builtin] {w.name}: skipped, budget spent", flush=True)
+                continue
+            warm = SamplingParams(max_new_tokens=WARMUP_NEW_TOKENS, temperature=args.temperature, seed=args.seed)
+            worker.generate(make_prompts(vocab, w, args.seed + WARMUP_SEED_OFFSET), warm)
+            prompts = make_prompts(vocab, w, args.seed)
+            sampling = SamplingParams(max_new_tokens=w.new_tokens, temperature=args.temperature, seed=args.seed)
+            _sync(args.device)
+            t0 = time.perf_counter()
+            rollouts = worker.generate(prompts, sampling)
+            _sync(args.device)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(r.output_ids) for r in rollouts)
+            results.append(Measurement("builtin", routes, overlap, w.name, w.batch, tokens, seconds, tokens / seconds,
+                                       note=check_rollouts(rollouts, w, routes), stats=dict(engine.stats)))
+            _report(results[-1], args)
     return results
 
 
-def bench_sglang(args: argparse.Namespace, vocab: int, routes: bool, overlap: bool) -> list[Measurement]:
+def bench_sglang(args: argparse.Namespace, vocab: int, routes: bool, deadline: float) -> list[Measurement]:
     """Real SGLang in a child process: it needs its own site-packages (and transformers) on PYTHONPATH."""
     with tempfile.TemporaryDirectory() as tmp:
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps({
-            str(b): {"timed": make_prompts(vocab, b, args.prompt_len, args.seed),
-                     "warmup": make_prompts(vocab, b, args.prompt_len, args.seed + WARMUP_SEED_OFFSET)}
-            for b in args.batch}))
+            w.name: {"timed": make_prompts(vocab, w, args.seed), "new_tokens": w.new_tokens,
+                     "warmup": make_prompts(vocab, w, args.seed + WARMUP_SEED_OFFSET)}
+            for w in args.workloads}))
+        options = {"cuda_graph_max_bs_decode": max(w.batch for w in args.workloads), **args.sglang_option}
         cmd = [sys.executable, "-m", "bench.sglang_offline", "--model", str(args.model), "--prompts", str(prompts_file),
-               "--new-tokens", str(args.new_tokens), "--temperature", str(args.temperature), "--seed", str(args.seed),
-               "--routes", "on" if routes else "off", "--overlap", "on" if overlap else "off"]
-        cmd += [f"--option={key}={json.dumps(value)}" for key, value in args.sglang_option.items()]
+               "--temperature", str(args.temperature), "--seed", str(args.seed),
+               "--routes", "on" if routes else "off", "--overlap", "on"]
+        cmd += [f"--option={key}={json.dumps(value)}" for key, value in options.items()]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([args.sglang_site, str(Path(__file__).resolve().parents[1])]))
+        timeout = max(1.0, deadline - time.monotonic())
         # its own session, so a hung run is killed with the scheduler processes SGLang forks (they hold GPU memory)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            stdout, _ = proc.communicate(timeout=args.sglang_timeout)
+            stdout, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise RuntimeError(f"sglang_offline did not finish in {args.sglang_timeout:.0f}s; killed") from None
+            stdout, _ = proc.communicate()
+            print(f"[sglang] killed after {timeout:.0f}s (budget)", flush=True)
+    _wait_for_device_memory()
     lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
+    if not lines:
         raise RuntimeError(f"sglang_offline exited {proc.returncode} without a result (its log is on stderr above)")
-    return [Measurement("sglang", routes, overlap, r["batch"], r["tokens"], r["seconds"], r["tok_s"], note=r.get("note", ""))
-            for r in json.loads(lines[-1][len(RESULT_PREFIX):])]
+    results = []
+    for r in json.loads(lines[-1][len(RESULT_PREFIX):]):  # partial results survive a kill: one line per workload
+        w = Workload.parse(r["workload"])
+        results.append(Measurement("sglang", routes, True, w.name, w.batch, r["tokens"], r["seconds"], r["tok_s"],
+                                   note=r.get("note", "")))
+        _report(results[-1], args)
+    return results
 
 
-def _fmt_flag(value: bool | None) -> str:
-    return "-" if value is None else ("on" if value else "off")
+def _report(m: Measurement, args: argparse.Namespace) -> None:
+    roof = args.roofline.get(m.workload)
+    if roof:
+        m.roofline_share = m.tok_s / roof["tok_s"]
+    share = f" ({100 * m.roofline_share:.1f}% of roofline)" if m.roofline_share is not None else ""
+    print(f"[{m.engine} routes={_on(m.routes)} overlap={_on(m.overlap)}] {m.workload}: {m.tokens} tokens in "
+          f"{m.seconds:.2f}s = {m.tok_s:,.0f} tok/s{share} {m.note}", flush=True)
 
 
-def render_table(measurements: list[Measurement], batches: list[int]) -> str:
-    rows: dict[tuple, dict[int, Measurement]] = {}
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def render_table(measurements: list[Measurement], workloads: list[Workload]) -> str:
+    rows: dict[tuple, dict[str, Measurement]] = {}
     for m in measurements:
-        rows.setdefault((m.engine, m.routes, m.overlap), {})[m.batch] = m
-    header = f"{'engine':<13}{'routes':<8}{'overlap':<9}" + "".join(f"{f'tok/s b={b}':>14}{'roofline':>10}" for b in batches)
+        rows.setdefault((m.engine, m.routes, m.overlap), {})[m.workload] = m
+    header = f"{'engine':<9}{'routes':<7}{'overlap':<8}" + "".join(f"{w.name:>15}{'roof':>6}" for w in workloads)
     lines = [header, "-" * len(header)]
-    for (engine, routes, overlap), by_batch in rows.items():
+    for (engine, routes, overlap), by_workload in rows.items():
         cells = ""
-        for b in batches:
-            m = by_batch.get(b)
-            share = "" if m is None or m.roofline_share is None else f"{100 * m.roofline_share:.1f}%"
-            cells += f"{'' if m is None else f'{m.tok_s:,.0f}':>14}{share:>10}"
-        lines.append(f"{engine:<13}{_fmt_flag(routes):<8}{_fmt_flag(overlap):<9}{cells}")
-    notes = [f"  {m.engine} routes={_fmt_flag(m.routes)} overlap={_fmt_flag(m.overlap)} b={m.batch}: {m.note}"
+        for w in workloads:
+            m = by_workload.get(w.name)
+            share = "" if m is None or m.roofline_share is None else f"{100 * m.roofline_share:.0f}%"
+            cells += f"{'-' if m is None else f'{m.tok_s:,.0f}':>15}{share:>6}"
+        lines.append(f"{engine:<9}{_on(routes):<7}{_on(overlap):<8}{cells}")
+    notes = [f"  {m.engine} routes={_on(m.routes)} overlap={_on(m.overlap)} {m.workload}: {m.note}"
              for m in measurements if m.note]
     return "\n".join(lines + (["notes:"] + notes if notes else []))
 
 
-def ratios(measurements: list[Measurement], batches: list[int]) -> dict[str, dict[int, float]]:
-    """The quotients issue 8 sets targets on, for every batch where both sides were measured."""
-    def tok_s(engine: str, routes: bool | None, overlap: bool | None, batch: int) -> float | None:
-        hits = [m.tok_s for m in measurements if (m.engine, m.routes, m.overlap, m.batch) == (engine, routes, overlap, batch)]
-        return hits[0] if hits else None
+RATIOS = {  # name -> (numerator, denominator) as (engine, routes, overlap)
+    "builtin / sglang, routes on (target >= 1.0)": (("builtin", True, True), ("sglang", True, True)),
+    "builtin routes on / sglang routes off (stretch >= 0.9)": (("builtin", True, True), ("sglang", False, True)),
+    "builtin routes on / off, overlap on (target >= 0.98)": (("builtin", True, True), ("builtin", False, True)),
+    "builtin overlap on / off, routes on (target > 1)": (("builtin", True, True), ("builtin", True, False)),
+    "sglang routes on / off": (("sglang", True, True), ("sglang", False, True)),
+}
 
-    pairs = {
-        "builtin routes on/off (overlap on), target >= 0.98": (("builtin", True, True), ("builtin", False, True)),
-        "builtin overlap on/off (routes on), target > 1": (("builtin", True, True), ("builtin", True, False)),
-        "builtin (routes on, overlap on) / transformers, target >= 10": (("builtin", True, True), ("transformers", None, None)),
-        "builtin / sglang (routes on, overlap on), target >= 0.5": (("builtin", True, True), ("sglang", True, True)),
-        "sglang routes on/off (overlap on)": (("sglang", True, True), ("sglang", False, True)),
-    }
-    out: dict[str, dict[int, float]] = {}
-    for name, (num, den) in pairs.items():
-        for b in batches:
-            a, c = tok_s(*num, b), tok_s(*den, b)
-            if a is not None and c:
-                out.setdefault(name, {})[b] = a / c
+
+def ratios(measurements: list[Measurement], workloads: list[Workload]) -> dict[str, dict[str, float]]:
+    """The quotients issue 15 sets targets on, for every workload where both sides were measured."""
+    tok_s = {(m.engine, m.routes, m.overlap, m.workload): m.tok_s for m in measurements}
+    out: dict[str, dict[str, float]] = {}
+    for name, (num, den) in RATIOS.items():
+        for w in workloads:
+            a, b = tok_s.get(num + (w.name,)), tok_s.get(den + (w.name,))
+            if a is not None and b:
+                out.setdefault(name, {})[w.name] = a / b
     return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint directory (default with --quick: a fresh tiny-qwen3-moe)")
-    p.add_argument("--quick", action="store_true", help=f"CPU smoke run: {QUICK_PRESET}, tiny batches and lengths")
-    p.add_argument("--batch", type=int, nargs="+")
-    p.add_argument("--prompt-len", type=int)
-    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--quick", action="store_true", help=f"CPU smoke run: {QUICK_PRESET}, workloads {QUICK_WORKLOADS}")
+    p.add_argument("--workload", nargs="+", help=f"BATCHxPROMPT+NEW ... (default {' '.join(DEFAULT_WORKLOADS)})")
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--engines", default="builtin,transformers", help="comma list of builtin, transformers")
-    p.add_argument("--modes", help="builtin modes as routes/overlap pairs, e.g. 'on/on,off/on' (default: all four)")
+    p.add_argument("--modes", help="built-in modes as routes/overlap pairs, e.g. 'on/on,off/on' (default on/on,off/on,on/off; "
+                                   "'none' for SGLang alone)")
     p.add_argument("--engine-option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to RolloutWorker (value parsed as JSON when it parses), e.g. max_batch_tokens=8192")
-    p.add_argument("--hf-experts", default="grouped_mm",
-                   help="transformers experts_implementation (generate itself switches grouped_mm to batched_mm for decode on GPU)")
+                   help="passed to RolloutWorker (value parsed as JSON when it parses), e.g. moe_backend=grouped_mm")
     p.add_argument("--sglang", action="store_true", help="also run real SGLang (bench.sglang_offline) in a child process")
+    p.add_argument("--sglang-routes", default="on,off", help="SGLang modes: routes on, off or both (overlap on)")
     p.add_argument("--sglang-site", default="/tmp/sglang-site", help="unpacked SGLang site-packages (../shared/tools/sglang-on-gpu)")
     p.add_argument("--sglang-option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra sglang.Engine keyword, e.g. mem_fraction_static=0.7")
-    p.add_argument("--sglang-timeout", type=float, default=240.0, help="seconds per SGLang child process")
+                   help="extra sglang.Engine keyword, e.g. mem_fraction_static=0.8")
+    p.add_argument("--budget-s", type=float, default=None, help="wall seconds the whole run may take (jobs that would not fit are skipped)")
     p.add_argument("--bandwidth", type=float, help="copy bandwidth in TB/s; measured on --device when omitted")
-    p.add_argument("--json", help="write every measurement, the roofline and the ratios here")
+    p.add_argument("--json", help="write every measurement, the roofline and the ratios here (after every job)")
     args = p.parse_args(argv)
-    quick = dict(batch=[4, 8], prompt_len=16, new_tokens=8, device="cpu", dtype="float32")
-    full = dict(batch=[64, 256], prompt_len=128, new_tokens=64,
-                device="cuda" if torch.cuda.is_available() else "cpu", dtype="bfloat16")
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.device = args.device or ("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    try:
+        args.workloads = [Workload.parse(w) for w in (args.workload or (QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS))]
+    except ValueError as exc:
+        p.error(str(exc))
     args.engine_option = dict(args.engine_option)
-    if "kv_slots" not in args.engine_option:
-        # Room for every warm-up and timed sequence at once, so no run pays for prefix-cache eviction (finished
-        # sequences stay cached); eviction has its own cost, worth measuring on its own, not folded in here.
-        needed = 2 * sum(b * (args.prompt_len + args.new_tokens) for b in args.batch)
-        args.engine_option["kv_slots"] = max(MIN_KV_SLOTS, 1 << (needed - 1).bit_length())
     args.sglang_option = dict(args.sglang_option)
-    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    unknown = sorted(set(args.engines) - {"builtin", "transformers"})
-    if unknown:
-        p.error(f"unknown engine(s) {unknown}; use builtin, transformers (and --sglang)")
-    args.modes = BUILTIN_MODES if args.modes is None else tuple(_parse_mode(m, p) for m in args.modes.split(","))
+    flags = {"on": True, "off": False}
+    if args.modes == "none":
+        args.modes = ()
+    elif args.modes is None:
+        args.modes = BUILTIN_MODES
+    else:
+        modes = []
+        for text in args.modes.split(","):
+            parts = text.strip().split("/")
+            if len(parts) != 2 or not set(parts) <= set(flags):
+                p.error(f"mode {text!r} is not ROUTES/OVERLAP with on|off, e.g. on/on")
+            modes.append((flags[parts[0]], flags[parts[1]]))
+        args.modes = tuple(modes)
+    routes = [r.strip() for r in args.sglang_routes.split(",") if r.strip()]
+    if not set(routes) <= set(flags):
+        p.error(f"--sglang-routes takes on, off or on,off; got {args.sglang_routes!r}")
+    args.sglang_routes = tuple(flags[r] for r in routes)
     if args.model is None and not args.quick:
         p.error("--model is required without --quick")
     return args
-
-
-def _parse_mode(text: str, p: argparse.ArgumentParser) -> tuple[bool, bool]:
-    flags = {"on": True, "off": False}
-    parts = text.strip().split("/")
-    if len(parts) != 2 or not set(parts) <= set(flags):
-        p.error(f"mode {text!r} is not ROUTES/OVERLAP with on|off, e.g. on/on")
-    return flags[parts[0]], flags[parts[1]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,70 +296,84 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None:
             from rollout.presets import init_model
 
-            args.model = init_model(QUICK_PRESET, Path(tmp) / QUICK_PRESET, dtype=args.dtype)
+            args.model = init_model(QUICK_PRESET, Path(tmp) / QUICK_PRESET)
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
-    vocab = read_config(args.model)["vocab_size"]
-    weight_bytes = checkpoint_weight_bytes(args.model)
-    bandwidth = args.bandwidth * 1e12 if args.bandwidth else copy_bandwidth(args.device)
-    print(f"device: {device_name(args.device)}; weights {weight_bytes / 1e9:.2f} GB; "
-          f"copy bandwidth {bandwidth / 1e12:.3f} TB/s; batches {args.batch}, {args.prompt_len} prompt + "
-          f"{args.new_tokens} new tokens, temperature {args.temperature}, {args.dtype}; "
-          f"built-in engine options {args.engine_option}", flush=True)
+    start = time.monotonic()
+    budget_end = start + args.budget_s if args.budget_s else float("inf")
+    from rollout.moe_spec import read_config
 
+    vocab = read_config(args.model)["vocab_size"]
+    mb = model_bytes(args.model)
+    cuda = torch.device(args.device).type == "cuda"
+    bandwidth = args.bandwidth * 1e12 if args.bandwidth else copy_bandwidth(args.device)
+    flops = matmul_flops(args.device) if cuda else None
+    args.roofline = {w.name: workload_roofline(mb, w, bandwidth, flops) for w in args.workloads}
+    args.builtin_config = None
+    print(f"device: {device_name(args.device)}; weights {mb.weight_bytes / 1e9:.2f} GB; copy bandwidth "
+          f"{bandwidth / 1e12:.3f} TB/s; workloads {[w.name for w in args.workloads]}; temperature {args.temperature}; "
+          f"built-in engine options {args.engine_option}; budget {args.budget_s or 'none'} s", flush=True)
     _free_device_memory()
-    jobs: list[tuple[str, Callable[[], list[Measurement]]]] = []
+
+    jobs: list[tuple[str, str, Callable[[float], list[Measurement]]]] = []
     if args.sglang:  # first, while this process holds no GPU memory that SGLang's static fraction could collide with
-        jobs += [(f"sglang routes={_fmt_flag(r)} overlap={_fmt_flag(o)}", lambda r=r, o=o: bench_sglang(args, vocab, r, o))
-                 for r, o in SGLANG_MODES]
-    if "builtin" in args.engines:
-        jobs += [(f"builtin routes={_fmt_flag(r)} overlap={_fmt_flag(o)}", lambda r=r, o=o: bench_builtin(args, vocab, r, o))
-                 for r, o in args.modes]
-    if "transformers" in args.engines:
-        jobs.append(("transformers generate", lambda: bench_transformers(args, vocab)))
+        jobs += [("sglang", f"sglang routes={_on(r)}", lambda end, r=r: bench_sglang(args, vocab, r, end))
+                 for r in args.sglang_routes]
+    jobs += [("builtin", f"builtin routes={_on(r)} overlap={_on(o)}",
+              lambda end, r=r, o=o: bench_builtin(args, vocab, r, o, end)) for r, o in args.modes]
+    # the builtin headline mode runs right after SGLang's routes-on job, so a short budget still pairs them
+    jobs.sort(key=lambda job: {"sglang routes=on": 0, "builtin routes=on overlap=on": 1}.get(job[1], 2))
 
     measurements: list[Measurement] = []
     failures: dict[str, str] = {}
+    skipped: list[str] = []
+    workload_s = sum(w.batch * w.new_tokens / (r["tok_s"] * ASSUMED_ROOFLINE_SHARE)
+                     for w, r in zip(args.workloads, args.roofline.values()))
+    last_job_s: dict[str, float] = {}
 
     def save() -> None:
         """Rewritten after every job, so a run cut short by a time limit still leaves what it measured."""
         if args.json:
             atomic_write_text(args.json, json.dumps({
-                "device": device_name(args.device), "model": str(args.model), "weight_bytes": weight_bytes,
-                "copy_bandwidth_Bps": bandwidth, "settings": {k: getattr(args, k) for k in (
-                    "batch", "prompt_len", "new_tokens", "dtype", "temperature", "seed", "hf_experts", "engine_option",
-                    "sglang_option")},
-                "roofline_tok_s": {str(b): decode_roofline_tok_s(b, weight_bytes, bandwidth) for b in args.batch},
-                "measurements": [asdict(m) for m in measurements], "ratios": ratios(measurements, args.batch),
-                "failures": failures, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "device": device_name(args.device), "model": str(args.model), "copy_bandwidth_Bps": bandwidth,
+                "bf16_matmul_flops": flops, "model_bytes": dataclasses.asdict(mb),
+                "settings": {"workloads": [w.name for w in args.workloads], "temperature": args.temperature,
+                             "seed": args.seed, "engine_option": args.engine_option, "sglang_option": args.sglang_option,
+                             "builtin_config": args.builtin_config, "budget_s": args.budget_s},
+                "roofline": args.roofline, "measurements": [asdict(m) for m in measurements],
+                "ratios": ratios(measurements, args.workloads), "failures": failures, "skipped": skipped,
+                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }, indent=2))
 
-    for name, job in jobs:
+    for kind, name, job in jobs:
+        estimate = last_job_s.get(kind, STARTUP_GUESS_S[kind] + workload_s)
+        left = budget_end - time.monotonic()
+        if left < estimate:
+            skipped.append(f"{name}: {left:.0f}s left, estimate {estimate:.0f}s")
+            print(f"[{name}] SKIPPED: {skipped[-1]}", flush=True)
+            save()
+            continue
         t0 = time.perf_counter()
         try:  # one engine failing must not cost the others' numbers
-            got = job()
+            measurements += job(budget_end)
         except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON
             failures[name] = f"{type(exc).__name__}: {exc}"
             print(f"[{name}] FAILED after {time.perf_counter() - t0:.0f}s: {failures[name]}", flush=True)
-            save()
-            continue
         finally:  # the job's engine is unreachable now: hand its memory back before the next one loads
             _free_device_memory()
-        print(f"[{name}] done in {time.perf_counter() - t0:.0f}s (load, warm-up and timed runs)", flush=True)
-        for m in got:
-            m.roofline_share = m.tok_s / decode_roofline_tok_s(m.batch, weight_bytes, bandwidth)
-            print(f"[{name}] batch {m.batch}: {m.tokens} tokens in {m.seconds:.2f}s = {m.tok_s:,.0f} tok/s "
-                  f"({100 * m.roofline_share:.1f}% of roofline) {m.note}", flush=True)
-        measurements += got
+        last_job_s[kind] = time.perf_counter() - t0
+        print(f"[{name}] done in {last_job_s[kind]:.0f}s (load, warm-ups and timed runs)", flush=True)
         save()
 
-    print("\ntok/s = generated tokens / wall time of the whole generate call (prefill included); "
-          "roofline = batch x copy bandwidth / weight bytes")
-    print(render_table(measurements, args.batch))
-    for name, by_batch in ratios(measurements, args.batch).items():
-        print(f"{name}: " + ", ".join(f"b={b}: {v:.2f}" for b, v in by_batch.items()))
+    print(f"\ntok/s = generated tokens / wall time of the whole generate call (prefill included); roof = share of the "
+          f"workload's roofline (weights + KV + logits at {bandwidth / 1e12:.2f} TB/s, prefill floor)")
+    print(render_table(measurements, args.workloads))
+    for name, by_workload in ratios(measurements, args.workloads).items():
+        print(f"{name}: " + ", ".join(f"{w}: {v:.2f}" for w, v in by_workload.items()))
+    for line in skipped:
+        print(f"SKIPPED {line}")
     for name, error in failures.items():
         print(f"FAILED {name}: {error}")
     return 1 if failures else 0

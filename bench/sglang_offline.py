@@ -6,8 +6,10 @@ nothing from this project. The engine options are the ones that avoid kernels le
 out of that install: triton attention, pytorch sampling, no grammar backend, no
 tokenizer (token ids in, token ids out).
 
-Input: ``--prompts FILE``, JSON ``{"<batch>": {"timed": [[ids]...], "warmup": [[ids]...]}}``.
-Output: one stdout line ``RESULT [{"batch", "tokens", "seconds", "tok_s", "note"}...]``; SGLang's own log goes to stderr.
+Input: ``--prompts FILE``, JSON ``{"<workload>": {"timed": [[ids]...], "warmup": [[ids]...], "new_tokens": N}}``.
+Output: after each workload, one stdout line ``RESULT [{"workload", "batch", "tokens", "seconds", "tok_s", "note"}...]``
+holding every workload so far (the last line is the whole run; a run killed midway still leaves the
+workloads it finished); SGLang's own log goes to stderr.
 tok/s = generated tokens / wall time of one ``Engine.generate`` call over the whole batch.
 """
 
@@ -52,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True, help="JSON file written by bench.rollout_throughput")
-    p.add_argument("--new-tokens", type=int, required=True)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--routes", choices=["on", "off"], required=True)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     routes = args.routes == "on"
     with open(args.prompts) as f:
-        prompts_by_batch = json.load(f)
+        prompts_by_workload = json.load(f)
 
     import sglang
 
@@ -78,21 +79,22 @@ def main(argv: list[str] | None = None) -> int:
           f"(routes {args.routes}, overlap {args.overlap})", file=sys.stderr, flush=True)
     results = []
     try:
-        for batch, prompts in prompts_by_batch.items():
+        for workload, prompts in prompts_by_workload.items():
             warm = dict(max_new_tokens=WARMUP_NEW_TOKENS, temperature=args.temperature, ignore_eos=True)
             engine.generate(input_ids=prompts["warmup"], sampling_params=warm, return_routed_experts=routes)
-            sampling = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, ignore_eos=True)
+            new_tokens = int(prompts["new_tokens"])
+            sampling = dict(max_new_tokens=new_tokens, temperature=args.temperature, ignore_eos=True)
             t0 = time.perf_counter()
             outputs = engine.generate(input_ids=prompts["timed"], sampling_params=sampling, return_routed_experts=routes)
             seconds = time.perf_counter() - t0
             tokens = sum(len(o["output_ids"]) for o in outputs)
-            results.append(dict(batch=int(batch), tokens=tokens, seconds=seconds, tok_s=tokens / seconds,
-                                note=_check(outputs, prompts["timed"], args.new_tokens, routes)))
-            print(f"batch {batch}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:,.0f} tok/s",
+            results.append(dict(workload=workload, batch=len(prompts["timed"]), tokens=tokens, seconds=seconds,
+                                tok_s=tokens / seconds, note=_check(outputs, prompts["timed"], new_tokens, routes)))
+            print(f"{workload}: {tokens} tokens in {seconds:.2f}s = {tokens / seconds:,.0f} tok/s",
                   file=sys.stderr, flush=True)
+            print(RESULT_PREFIX + json.dumps(results), flush=True)
     finally:
         engine.shutdown()
-    print(RESULT_PREFIX + json.dumps(results), flush=True)
     return 0
 
 

@@ -26,7 +26,7 @@ class RolloutWorker:
         model_path: str | os.PathLike | None = None,
         engine: str = "builtin",
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",  # the engine's default: float32 on CPU, the checkpoint's dtype on CUDA
         overlap: bool = True,
         return_routed_experts: bool = True,
         **engine_options: Any,

@@ -48,32 +48,40 @@ class DeviceSampling:
     params: SamplingTensors
 
 
-def build(batch: Batch, req_to_slot: torch.Tensor, device: torch.device) -> DeviceBatch:
-    """Forward inputs and attention metadata; also writes this step's request-table entries."""
+def build(batch: Batch, req_to_slot: torch.Tensor, device: torch.device, torch_metadata: bool = True) -> DeviceBatch:
+    """Forward inputs and attention metadata; also writes this step's request-table entries.
+
+    ``torch_metadata=False`` skips what only the torch attention path reads (the padding maps,
+    the gathered ``[B, max_kv]`` slots and the ``[B, max_q, max_kv]`` mask): the paged kernels
+    read the request table in place.
+    """
     ext = np.asarray(batch.extend_lens, dtype=np.int64)
     n, b, max_q = int(ext.sum()), len(ext), int(ext.max())
-    starts = np.concatenate([[0], np.cumsum(ext)[:-1]])
-    q_slot = np.arange(max_q)[None, :]
-    valid = q_slot < ext[:, None]
-    pad_index = np.where(valid, starts[:, None] + q_slot, n)
-    q_pos = np.where(valid, batch.positions[np.minimum(pad_index, n - 1)], 0)
-    unpad_index = (np.arange(b)[:, None] * max_q + q_slot)[valid]
-    kv_lens = batch.positions[starts + ext - 1] + 1
-    max_kv = int(kv_lens.max())
-    ints = [
-        batch.input_ids, batch.positions, batch.out_cache_loc, batch.table_rows, batch.table_cols,
-        batch.table_slots, pad_index, q_pos, unpad_index, batch.rows, kv_lens,
-    ]
-    input_ids, positions, loc, t_rows, t_cols, t_slots, pad_t, q_pos_t, unpad_t, rows_t, kv_lens_t = to_device(
+    starts = np.concatenate([[0], np.cumsum(ext)])  # [B + 1]
+    kv_lens = batch.positions[starts[1:] - 1] + 1
+    ints = [batch.input_ids, batch.positions, batch.out_cache_loc, batch.table_rows, batch.table_cols,
+            batch.table_slots, batch.rows, kv_lens, starts]
+    if torch_metadata:
+        q_slot = np.arange(max_q)[None, :]
+        valid = q_slot < ext[:, None]
+        pad_index = np.where(valid, starts[:-1, None] + q_slot, n)
+        q_pos = np.where(valid, batch.positions[np.minimum(pad_index, n - 1)], 0)
+        unpad_index = (np.arange(b)[:, None] * max_q + q_slot)[valid]
+        ints += [pad_index, q_pos, unpad_index]
+    input_ids, positions, loc, t_rows, t_cols, t_slots, rows_t, kv_lens_t, starts_t, *padding = to_device(
         ints, np.int64, device
     )
     # the request table must hold this step's slots before attention gathers through it
     req_to_slot[t_rows, t_cols] = t_slots
-    kv_slots = req_to_slot[rows_t, :max_kv]
-    mask = torch.arange(max_kv, device=device)[None, None, :] <= q_pos_t[:, :, None]
+    kv_slots = mask = pad_t = unpad_t = None
+    if torch_metadata:
+        pad_t, q_pos_t, unpad_t = padding
+        max_kv = int(kv_lens.max())
+        kv_slots = req_to_slot[rows_t, :max_kv]
+        mask = (torch.arange(max_kv, device=device)[None, None, :] <= q_pos_t[:, :, None])[:, None]
     meta = AttentionMetadata(
-        kv_slots=kv_slots, mask=mask[:, None], pad_index=pad_t, unpad_index=unpad_t, seq_rows=rows_t, kv_lens=kv_lens_t,
-        req_to_slot=req_to_slot, decode=max_q == 1,
+        kv_slots=kv_slots, mask=mask, pad_index=pad_t, unpad_index=unpad_t, seq_rows=rows_t, kv_lens=kv_lens_t,
+        req_to_slot=req_to_slot, decode=max_q == 1, q_starts=starts_t, max_q=max_q,
     )
     return DeviceBatch(input_ids=input_ids, positions=positions, out_cache_loc=loc, meta=meta)
 

@@ -9,7 +9,7 @@ host-known switches (greedy, truncation) would multiply the graphs, and it is ch
 Inputs live in static buffers that every graph reads; padding rows feed token 0 at
 position 0 into ``PAD_SLOT`` through the table's reserved ``pad_row``, so they never
 touch a real request's KV or routes. Captured only when ``EngineConfig.cuda_graph``
-is on (CUDA, bfloat16, Triton paged attention: the configuration with no host sync).
+is on (CUDA, Triton paged attention, experts that never read back to the host).
 """
 
 from __future__ import annotations
@@ -26,10 +26,22 @@ from rollout.engine.models.model import MoEModel
 from rollout.engine.scheduler import Batch
 
 
+# (first size, step) of each run of graph batch sizes: a batch pads by fewer than max(8, batch / 16) rows
+# (at most 6% past 128); every power of two is a size, which the fused-MoE config keys rely on
+_GRAPH_SIZE_RUNS = ((16, 8), (256, 16), (512, 32), (1024, 64))
+
+
 def graph_batch_sizes(max_batch: int) -> list[int]:
-    """Small sizes one by one in powers of two, then every 32 (padding wastes at most 31 rows)."""
-    sizes = {s for s in (1, 2, 4, 8, 16) if s <= max_batch} | set(range(32, max_batch + 1, 32)) | {max_batch}
-    return sorted(sizes)
+    """Batch sizes a decode graph is captured for, up to and including ``max_batch`` (SGLang-like buckets)."""
+    sizes = {1, 2, 4, 8, 12}
+    for (first, step), nxt in zip(_GRAPH_SIZE_RUNS, [r[0] for r in _GRAPH_SIZE_RUNS[1:]] + [None]):
+        sizes.update(range(first, nxt if nxt is not None else max_batch + 1, step))
+    return sorted({s for s in sizes if s <= max_batch} | {max_batch})
+
+
+def padded_batch_size(batch: int, sizes: list[int]) -> int:
+    """The graph a batch of ``batch`` requests replays: the smallest size that holds it."""
+    return next(s for s in sizes if s >= batch)
 
 
 class DecodeGraphs:
@@ -59,18 +71,20 @@ class DecodeGraphs:
         self._logits: dict[int, torch.Tensor] = {}
         if not capture:
             return
+        # one logits buffer for every graph: kept per graph, 68 graphs' [bs, V] outputs would hold ~8 GB
+        out = torch.empty(n, model.arch.vocab_size, dtype=model.dtype, device=device)
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             for _ in range(2):  # warm up: Triton compiles, cuBLAS picks its kernels
-                self._forward(bs)
+                self._forward(bs, out[:bs])
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._logits[bs] = self._forward(bs)
+                self._logits[bs] = self._forward(bs, out[:bs])
             self._graphs[bs] = graph
 
     @torch.inference_mode()
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int, out: torch.Tensor | None = None) -> torch.Tensor:
         ids = self._ids[:bs]
         ids = torch.where(ids < 0, self._future[(-ids - 1).clamp(min=0)], ids)
         rows, pos, loc = self._rows[:bs], self._pos[:bs], self._loc[:bs]
@@ -80,7 +94,7 @@ class DecodeGraphs:
             req_to_slot=self._req_to_slot, decode=True,
         )
         hidden = self._model.forward(ids, pos, loc, meta, self._kv.k, self._kv.v, self._record)
-        return self._model.logits(hidden)
+        return self._model.logits(hidden, out)
 
     def can_run(self, batch: Batch) -> bool:
         n = len(batch.requests)
@@ -94,7 +108,7 @@ class DecodeGraphs:
     def run(self, batch: Batch) -> torch.Tensor:
         """Logits ``[B, V]`` of a decode batch, rows in batch order."""
         b = len(batch.requests)
-        bs = next(s for s in self.sizes if s >= b)
+        bs = padded_batch_size(b, self.sizes)
         pad = bs - b
 
         def padded(values: np.ndarray, fill: int) -> np.ndarray:

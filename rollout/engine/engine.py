@@ -31,12 +31,12 @@ import torch
 
 from rollout.engine import batch as batch_mod
 from rollout.engine.capture import RouteCapture, RoutedExpertsOutput
-from rollout.engine.config import EngineConfig
+from rollout.engine.config import EngineConfig, checkpoint_dtype
 from rollout.engine.cuda_graph import DecodeGraphs
 from rollout.engine.kvcache import KVPool, PrefixCache, RequestTable, SlotAllocator
 from rollout.engine.models import arch_from_config
-from rollout.engine.models.layers import triton_decode_attention
-from rollout.engine.models.model import MoEModel
+from rollout.engine.memory import size_from_memory
+from rollout.engine.models.model import Kernels, MoEModel
 from rollout.engine.sampler import sample
 from rollout.engine.scheduler import BLOCKED, Batch, Request, Scheduler
 from rollout.moe_spec import MoESpec, read_config
@@ -59,14 +59,16 @@ class Engine:
     def __init__(self, model_path: str | os.PathLike, config: EngineConfig | None = None, **options: object) -> None:
         if config is not None and options:
             raise ValueError("pass either an EngineConfig or keyword options, not both")
-        self.config = config if config is not None else EngineConfig.from_options(**options)
+        config = config if config is not None else EngineConfig.from_options(**options)
         cfg = read_config(model_path)
         arch = arch_from_config(cfg)  # unsupported family fails here, before any weight is read
         self.spec = MoESpec.from_config(cfg)
-        self.device = torch.device(self.config.device)
+        c = self.config = config.resolved(checkpoint_dtype(cfg))  # device defaults; bad combinations fail here
+        self.device = torch.device(c.device)
+        kernels = Kernels(c.attention_backend, c.prefill_attention_backend, c.moe_backend, c.layer_kernels)
+        self.model = MoEModel(model_path, self.device, getattr(torch, c.dtype), c.context_limit(arch.max_positions), kernels)
+        self.config = size_from_memory(c, self.model.arch, self.model.dtype)  # kv_slots, max_running_requests
         self.max_context = self.config.context_limit(arch.max_positions)
-        decode_attention = triton_decode_attention if self.config.attention_backend == "triton" else None
-        self.model = MoEModel(model_path, self.device, getattr(torch, self.config.dtype), self.max_context, decode_attention)
         a = self.model.arch
         self.kv = KVPool(a.num_layers, self.config.kv_slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.device)
         self.slots = SlotAllocator(self.config.kv_slots)
@@ -96,6 +98,7 @@ class Engine:
         self._in_flight: _Launched | None = None
         self._closed = False
         self._seed_rng = random.Random()
+        self._torch_attention = "torch" in (self.config.attention_backend, self.config.prefill_attention_backend)
 
     # ------------------------------------------------------------------ API
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams, start_len: int = 0) -> int:
@@ -231,7 +234,7 @@ class Engine:
         try:
             dev = batch_mod.build(plan, self.table.req_to_slot, self.device)
             hidden = self.model.forward(dev.input_ids, dev.positions, dev.out_cache_loc, dev.meta, self.kv.k, self.kv.v, None)
-            return self.model.logits(hidden).cpu()
+            return self.model.logits(hidden).float().cpu()
         finally:
             self.slots.free(slots)
             self.table.free(row)
@@ -254,14 +257,14 @@ class Engine:
         if self.graphs is not None and self.graphs.can_run(batch):
             logits = self.graphs.run(batch)  # every decode row samples, in batch order
         else:
-            dev = batch_mod.build(batch, self.table.req_to_slot, self.device)
+            dev = batch_mod.build(batch, self.table.req_to_slot, self.device, self._torch_attention)
             ids = torch.where(dev.input_ids < 0, self.future_tokens[(-dev.input_ids - 1).clamp(min=0)], dev.input_ids)
             record = self.capture.record if self.capture is not None else None
             hidden = self.model.forward(ids, dev.positions, dev.out_cache_loc, dev.meta, self.kv.k, self.kv.v, record)
             logits = self.model.logits(hidden[sampling.index]) if sampling is not None else None
         next_ids = logprobs = None
         if sampling is not None:
-            tokens, lps = sample(logits, sampling.params)
+            tokens, lps = sample(logits, sampling.params, one_pass=self.config.layer_kernels == "triton")
             self.future_tokens[sampling.rows] = tokens
             next_ids, logprobs = _copy_to_host(tokens), _copy_to_host(lps)
         routes = self.capture.copy_to_cpu(batch.out_cache_loc) if self.capture is not None else None

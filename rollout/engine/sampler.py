@@ -55,8 +55,15 @@ class SamplingTensors:
     all_greedy: bool
 
 
-def sample(logits: torch.Tensor, params: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token ids ``[B]`` int64 and their logprobs ``[B]`` float32 (see module doc)."""
+def sample(logits: torch.Tensor, params: SamplingTensors, one_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token ids ``[B]`` int64 and their logprobs ``[B]`` float32 (see module doc).
+
+    ``one_pass``: on CUDA, rows without top-p/top-k go through one Triton kernel (same function).
+    """
+    if one_pass and logits.is_cuda and not params.needs_truncation:
+        fused = _fused_sampler()
+        if fused is not None:  # the same function in one pass over the (bf16) logits
+            return fused(logits.contiguous(), params.temperature, params.seeds, params.positions)
     logits = logits.float()
     greedy = params.temperature == 0
     temp = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
@@ -76,6 +83,17 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> tuple[torch.Tensor,
             noisy = torch.where(greedy[:, None], candidates, candidates + gumbel)
             ids = torch.argmax(noisy, dim=-1)
     return ids, logprobs_all.gather(-1, ids[:, None]).squeeze(-1)
+
+
+def _fused_sampler():
+    """The Triton kernel of the whole untruncated sampler, or None where Triton is missing."""
+    from rollout.engine.kernels import triton_available
+
+    if not triton_available():
+        return None
+    from rollout.engine.kernels.gumbel_sample import sample_tokens
+
+    return sample_tokens
 
 
 def _fused_gumbel_argmax():

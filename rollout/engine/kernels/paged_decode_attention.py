@@ -14,9 +14,14 @@ than once per query head, and runs an online softmax over blocks of slots.
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+
+from rollout.engine.kernels.tuned import device_tag, find_config
 
 try:
     import triton
@@ -25,6 +30,32 @@ except ImportError:  # CPU-only installs: the torch reference still works
     triton = None
 
 MIN_DOT = 16  # tl.dot needs every tile dimension >= 16
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64  # slots per loop iteration
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def config_file_name(head_dim: int, group: int, dtype: torch.dtype, device: str) -> str:
+    return f"paged_decode_attention_D{head_dim}_G{group}_{str(dtype).removeprefix('torch.')}_{device}.json"
+
+
+@lru_cache(maxsize=None)
+def tuned_config(head_dim: int, group: int, dtype: torch.dtype, device: str) -> DecodeConfig:
+    """The tuned config for this shape and device (``tuned.find_config``), else the default."""
+    path = find_config(config_file_name(head_dim, group, dtype, device))
+    if path is None:
+        return DecodeConfig()
+    try:
+        cfg = DecodeConfig(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a decode-attention config ({exc})") from None
+    if cfg.block_n < MIN_DOT or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(f"{path}: block_n must be a power of two >= {MIN_DOT}, got {cfg.block_n}")
+    return cfg
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -48,7 +79,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                            slot_table: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float | None = None, table_rows: torch.Tensor | None = None,
-                           block_n: int = 64) -> torch.Tensor:
+                           config: DecodeConfig | None = None) -> torch.Tensor:
     """``out[b, h] = softmax(q[b, h] . K[slots_b]^T * scale) @ V[slots_b]`` with the Triton kernel.
 
     Args:
@@ -59,6 +90,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         seq_lens: ``[B]``, tokens to attend over, each in ``[1, max_len]`` (values above are clamped).
         table_rows: ``[B]``, the row of ``slot_table`` of each sequence; ``None`` means row ``b``. Passing
             the engine's whole request->slot table with its rows avoids gathering ``[B, max_context]`` per step.
+        config: block size and launch shape; ``None``: the tuned one for this device (``tuned_config``).
     """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton; use paged_decode_attention_ref without it")
@@ -70,6 +102,8 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         raise ValueError("q, k_pool and v_pool need a contiguous last (head_dim) dimension")
     out = torch.empty_like(q)
     scale = head_dim ** -0.5 if scale is None else scale
+    if config is None:
+        config = tuned_config(head_dim, group, q.dtype, device_tag(q.device))
     _decode_kernel[(batch, num_kv_heads)](
         q, k_pool, v_pool, slot_table, seq_lens, seq_lens if table_rows is None else table_rows, out,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), v_pool.stride(0), v_pool.stride(1),
@@ -78,8 +112,9 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         GROUP=group, HEAD_DIM=head_dim, HAS_ROWS=table_rows is not None,
         BLOCK_G=max(MIN_DOT, triton.next_power_of_2(group)),
         BLOCK_D=max(MIN_DOT, triton.next_power_of_2(head_dim)),
-        BLOCK_N=block_n,
+        BLOCK_N=config.block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32; tf32 would cost 1e-3
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 

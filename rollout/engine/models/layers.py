@@ -2,8 +2,9 @@
 
 Each mirrors the reference (transformers) op order and dtypes so fp32 logits agree
 to ~1e-6 and bf16 rounding happens at the same places. Routing and the expert
-compute are separate functions: replay, capture and a future grouped-GEMM kernel
-each touch exactly one of them.
+compute are separate functions: replay, capture and the expert kernels each touch
+exactly one of them. The Triton versions live in ``rollout.engine.kernels``; the model
+(``model.py``) picks one implementation of each op when it is built.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ class AttentionMetadata:
     """Per-step tensors every layer's attention shares (built once per forward).
 
     The torch path pads queries to ``[B, max_q]`` and gathers each sequence's keys
-    through the request->slot table; a paged-decode kernel can instead use
-    ``seq_rows``/``kv_lens``/``req_to_slot`` directly.
+    through the request->slot table; the paged kernels instead use
+    ``seq_rows``/``kv_lens``/``req_to_slot`` (and ``q_starts`` for prefill) directly.
     """
 
-    # torch path only (None inside a decode CUDA graph, which uses the paged kernel)
+    # torch path only (None where only the paged kernels run, e.g. inside a decode CUDA graph)
     kv_slots: torch.Tensor | None  # [B, max_kv] KV slot of each context position
     mask: torch.Tensor | None  # [B, 1, max_q, max_kv] True where the query may attend
     pad_index: torch.Tensor | None  # [B, max_q] flat token index, N for padding
@@ -66,6 +67,8 @@ class AttentionMetadata:
     kv_lens: torch.Tensor  # [B] context length after this step
     req_to_slot: torch.Tensor  # the whole request->slot table, for kernels that read it in place
     decode: bool  # every sequence feeds exactly one token (host-known)
+    q_starts: torch.Tensor | None = None  # [B + 1] flat index of each sequence's first token (prefill kernel)
+    max_q: int = 1  # the longest chunk (host-known; sizes the prefill kernel's grid)
 
 
 def torch_attention(
@@ -91,6 +94,18 @@ def triton_decode_attention(
     return paged_decode_attention(q, k_pool, v_pool, meta.req_to_slot, meta.kv_lens, table_rows=meta.seq_rows)
 
 
+def triton_prefill_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
+    """Causal varlen attention of a prefill step with the paged Triton kernel (no padding, no gather)."""
+    from rollout.engine.kernels.paged_prefill_attention import paged_prefill_attention
+
+    if meta.q_starts is None:
+        raise ValueError("the paged prefill kernel needs AttentionMetadata.q_starts")
+    return paged_prefill_attention(q, k_pool, v_pool, meta.req_to_slot, meta.seq_rows, meta.q_starts, meta.kv_lens,
+                                   meta.max_q)
+
+
 def route_topk(
     x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool, weights_fp32: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,34 +121,53 @@ def route_topk(
 def experts_forward(
     x: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
 ) -> torch.Tensor:
-    """SwiGLU experts: ``gate_up`` ``[E, 2I, H]``, ``down`` ``[E, H, I]``; tokens sorted by expert.
+    """SwiGLU experts: ``gate_up`` ``[E, 2I, H]``, ``down`` ``[E, H, I]``; one GEMM pair per expert.
 
-    The only place expert compute happens, so a grouped-GEMM kernel replaces it whole.
-    Contributions are summed per token in a fixed order (no atomics), so results do
-    not depend on which other tokens share the batch.
+    The reference (and the CPU path). Its host loop reads the expert counts back, which on
+    CUDA synchronises every MoE layer (``moe_backend='grouped_mm'`` or ``'triton'`` do not).
+    Contributions are summed per token in a fixed order (no atomics), so results do not
+    depend on which other tokens share the batch.
     """
     n, k = top_ids.shape
-    num_experts = gate_up.shape[0]
+    rows, order, ends = _sorted_by_expert(x, top_ids, gate_up.shape[0])
+    out_sorted = torch.empty_like(rows)
+    begin = 0
+    for e, end in enumerate(ends.tolist()):
+        if end > begin:
+            gate, up = F.linear(rows[begin:end], gate_up[e]).chunk(2, dim=-1)
+            out_sorted[begin:end] = F.linear(F.silu(gate) * up, down[e])
+        begin = end
+    return _weighted_sum(out_sorted, order, top_w, n, k, x.dtype)
+
+
+def experts_grouped_mm(
+    x: torch.Tensor, top_ids: torch.Tensor, top_w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """``experts_forward`` as two ``torch._grouped_mm`` calls (CUDA, bfloat16), with no host sync."""
+    if _grouped_mm is None:
+        raise RuntimeError("this torch has no grouped_mm (needs torch >= 2.9)")
+    n, k = top_ids.shape
+    rows, order, ends = _sorted_by_expert(x, top_ids, gate_up.shape[0])
+    offsets = ends.to(torch.int32)
+    gate, up = _grouped_mm(rows, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    out_sorted = _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
+    return _weighted_sum(out_sorted, order, top_w, n, k, x.dtype)
+
+
+def _sorted_by_expert(x: torch.Tensor, top_ids: torch.Tensor, num_experts: int):
+    """Token rows in expert order, the order, and the end of each expert's run (searchsorted: no host sync)."""
+    k = top_ids.shape[1]
     sorted_ids, order = torch.sort(top_ids.reshape(-1), stable=True)
-    rows = x[order // k]
-    # ends of each expert's run in the sorted list; searchsorted, unlike bincount, never syncs with the host
-    ends = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=x.device), right=True)
-    if x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm is not None:
-        offsets = ends.to(torch.int32)
-        gate, up = _grouped_mm(rows, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        out_sorted = _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
-    else:
-        out_sorted = torch.empty_like(rows)
-        begin = 0
-        for e, end in enumerate(ends.tolist()):  # a host loop: CPU / fp32 fallback only
-            if end > begin:
-                gate, up = F.linear(rows[begin:end], gate_up[e]).chunk(2, dim=-1)
-                out_sorted[begin:end] = F.linear(F.silu(gate) * up, down[e])
-            begin = end
+    ends = torch.searchsorted(sorted_ids, torch.arange(num_experts, device=x.device, dtype=sorted_ids.dtype), right=True)
+    return x[order // k], order, ends
+
+
+def _weighted_sum(out_sorted: torch.Tensor, order: torch.Tensor, top_w: torch.Tensor, n: int, k: int,
+                  dtype: torch.dtype) -> torch.Tensor:
     per_choice = torch.empty_like(out_sorted)
     per_choice[order] = out_sorted
     weighted = per_choice.view(n, k, -1) * top_w.unsqueeze(-1)
-    return weighted.sum(dim=1).to(x.dtype)
+    return weighted.sum(dim=1).to(dtype)
 
 
 def dense_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -71,3 +71,26 @@ def test_bad_input_is_refused():
         gumbel_argmax(torch.zeros(4, 10, dtype=torch.float64, device=DEVICE), seeds, positions, greedy)
     with pytest.raises(ValueError, match="positions"):
         gumbel_argmax(torch.zeros(4, 10, device=DEVICE), seeds, positions[:2], greedy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_one_pass_sampler_matches_the_torch_sampler(dtype, splits):
+    """``sample_tokens`` (what ``sampler.sample`` runs on CUDA without truncation) against the torch sampler:
+    same ids, logprobs to fp32 rounding, greedy rows without noise and with T = 1 logprobs."""
+    from rollout.engine.kernels.gumbel_sample import sample_tokens
+    from rollout.engine.sampler import SamplingTensors, sample
+
+    batch, vocab = 12, 3001
+    seeds, positions = _rows(batch, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    logits = (torch.randn(batch, vocab, generator=gen) * 2).to(dtype).to(DEVICE)
+    temperature = torch.tensor([1.0, 0.7, 0.0, 1.3] * 3, device=DEVICE)
+    ids, logprobs = sample_tokens(logits, temperature, seeds, positions, block_v=512, splits=splits)
+    params = SamplingTensors(temperature=temperature.cpu(), top_p=torch.full((batch,), 2.0), top_k=torch.full((batch,), vocab),
+                             seeds=seeds.cpu(), positions=positions.cpu(), needs_truncation=False, all_greedy=False)
+    ref_ids, ref_lp = sample(logits.float().cpu(), params)  # the torch path (CPU)
+    assert torch.equal(ids.cpu(), ref_ids)
+    assert torch.allclose(logprobs.cpu(), ref_lp, atol=1e-5, rtol=0)
+    greedy = temperature.cpu() == 0
+    assert torch.equal(ids.cpu()[greedy], logits.float().cpu()[greedy].argmax(-1))

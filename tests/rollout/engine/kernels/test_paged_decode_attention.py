@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from rollout.engine.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from rollout.engine.kernels.paged_decode_attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly (a 16x16 bf16 dot is off by 1e10 there, fp16 and
@@ -45,7 +45,7 @@ def _rel_err(out, ref):
 ])
 def test_kernel_matches_reference(shape, dtype, tol):
     q, k_pool, v_pool, table, lens = _case(*shape, dtype=dtype)
-    out = paged_decode_attention(q, k_pool, v_pool, table, lens, block_n=32)
+    out = paged_decode_attention(q, k_pool, v_pool, table, lens, config=DecodeConfig(block_n=32))
     ref = paged_decode_attention_ref(q, k_pool, v_pool, table, lens)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert _rel_err(out, ref) < tol
@@ -54,11 +54,11 @@ def test_kernel_matches_reference(shape, dtype, tol):
 def test_padding_entries_are_never_read():
     """Garbage past seq_len in the table (even out-of-range slots) must not change the result."""
     q, k_pool, v_pool, table, lens = _case(3, 4, 2, 16, 40, torch.float32)
-    clean = paged_decode_attention(q, k_pool, v_pool, table, lens, block_n=16)
+    clean = paged_decode_attention(q, k_pool, v_pool, table, lens, config=DecodeConfig(block_n=16))
     dirty = table.clone()
     positions = torch.arange(table.shape[1], device=table.device)
     dirty[positions[None, :] >= lens[:, None].long()] = 10**8
-    assert torch.equal(paged_decode_attention(q, k_pool, v_pool, dirty, lens, block_n=16), clean)
+    assert torch.equal(paged_decode_attention(q, k_pool, v_pool, dirty, lens, config=DecodeConfig(block_n=16)), clean)
 
 
 def test_table_rows_index_a_larger_request_table():
@@ -67,8 +67,8 @@ def test_table_rows_index_a_larger_request_table():
     big = torch.zeros(7, 33, dtype=torch.int64, device=table.device)
     rows = torch.tensor([5, 0, 3], device=table.device)
     big[rows] = table.long()
-    expected = paged_decode_attention(q, k_pool, v_pool, table, lens, block_n=16)
-    assert torch.equal(paged_decode_attention(q, k_pool, v_pool, big, lens, table_rows=rows, block_n=16), expected)
+    expected = paged_decode_attention(q, k_pool, v_pool, table, lens, config=DecodeConfig(block_n=16))
+    assert torch.equal(paged_decode_attention(q, k_pool, v_pool, big, lens, table_rows=rows, config=DecodeConfig(block_n=16)), expected)
     ref = paged_decode_attention_ref(q, k_pool, v_pool, big, lens, table_rows=rows)
     assert _rel_err(expected, ref) < 1e-5
 
