@@ -32,8 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rollout.atomic import atomic_dir
-
 DEMO_SUFFIX = "unit-scale"
 
 
@@ -47,7 +45,7 @@ def make_demo_model(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rollout.presets import make_config
+    from rollout.presets import make_config, save_checkpoint
 
     config = make_config(preset)
     torch.manual_seed(seed)  # the embedding keeps the preset's init, drawn from the global generator
@@ -58,11 +56,7 @@ def make_demo_model(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
             if param.ndim >= 2 and "embed" not in name:
                 param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]))
     model.to(getattr(torch, dtype))
-    model.generation_config.pad_token_id = None
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-    return out
+    return save_checkpoint(model, out)
 
 
 def ensure_demo_model(models_dir: str | os.PathLike, preset: str, seed: int = 0) -> Path:

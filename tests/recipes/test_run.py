@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -116,3 +117,36 @@ def test_small_run_on_cuda(tmp_path, small_recipe):
     assert report["replay"]["routing_agreement"] == 1.0
     assert report["replay"]["mean_abs_logprob_diff"] < report["native"]["mean_abs_logprob_diff"]
     assert report["replay"]["k3_kl"] < report["native"]["k3_kl"]
+
+
+@pytest.mark.slow
+def test_no_progress_silences_every_bar(small_run):
+    """The small run made the demo model ("Writing model shards") and loaded it in transformers ("Loading weights")."""
+    assert not re.search(r"\d+%\|", small_run["proc"].stderr), small_run["proc"].stderr
+
+
+@pytest.mark.slow
+def test_bars_count_generated_tokens_and_trainer_forwards(small_run, small_recipe, monkeypatch, capsys):
+    """Sequences of one batch all finish on the last steps; a bar of finished sequences would sit at 0% then jump."""
+    from tqdm import tqdm
+
+    import recipes.progress
+    from recipes.pipeline import generate, trainer_logprobs
+
+    def every_update(desc: str, total: int, unit: str, enabled: bool) -> tqdm:
+        """The same bar, redrawn on every update (tqdm otherwise waits 0.1 s), so the test sees each count."""
+        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=0, miniters=1)
+
+    monkeypatch.setattr(recipes.progress, "bar", every_update)
+    small_recipe["model"] = {"name": str(small_run["model"])}
+    small_recipe["rollout"]["sampling"]["max_new_tokens"] = 5
+    recipe = parse_recipe(small_recipe)
+    rollouts, _ = generate(small_run["model"], recipe, [[1, 2, 3], [4, 5], [6]], progress=True)
+    trainer_logprobs(small_run["model"], recipe, rollouts, progress=True)
+    err = capsys.readouterr().err
+    rollout_counts = [int(n) for n in re.findall(r"rollout:[^\r\n]*?(\d+)/15 ", err)]
+    assert rollout_counts[-1] == 15 and len(set(rollout_counts)) >= 5, err  # 3 tokens a step: 0, 3, 6, ..., 15
+    assert rollout_counts == sorted(rollout_counts)
+    assert "tok/s" in err or "s/tok" in err
+    trainer_counts = [int(n) for n in re.findall(r"trainer:[^\r\n]*?(\d+)/2 ", err)]  # one micro-batch, native + replay
+    assert trainer_counts[-1] == 2 and set(trainer_counts) == {0, 1, 2}, err
