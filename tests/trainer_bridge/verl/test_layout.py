@@ -14,6 +14,7 @@ from rollout.presets import PRESETS, make_config
 from rollout.routed_experts import RoutedExperts
 from rollout.types import FINISH_LENGTH, Rollout
 from trainer_bridge.verl import check_verl_routes, rollouts_to_verl_fields, routes_from_nested, routes_from_padded
+from trainer_bridge.verl.layout import packed_model_routes, padded_model_routes
 
 
 @pytest.fixture
@@ -119,6 +120,21 @@ def test_nested_form_matches_verls_remove_padding(qwen2):
     nested = routes_from_nested(td["routed_experts"], td["input_ids"], qwen2)
     padded = routes_from_padded(f["routed_experts"], f["attention_mask"], qwen2)
     assert torch.equal(nested, padded[f["attention_mask"].bool()])
+
+
+def test_model_routes_follow_verls_packed_and_padded_inputs():
+    """verl appends its packing pad (pad_to_length, Ulysses alignment) after the tokens; padded inputs are right-padded."""
+    flat = torch.arange(5 * 4 * 2).reshape(5, 4, 2)
+    packed = packed_model_routes(flat, 8)
+    assert packed.shape == (1, 8, 4, 2)
+    assert torch.equal(packed[0, :5], flat) and (packed[0, 5:] == -1).all()
+    with pytest.raises(ValueError, match="the packed input has 4 tokens but the routes cover 5"):
+        packed_model_routes(flat, 4)
+    tokens = torch.nested.nested_tensor_from_jagged(torch.arange(5), offsets=torch.tensor([0, 2, 5]))
+    padded = padded_model_routes(flat, tokens, 4)
+    assert padded.shape == (2, 4, 4, 2)
+    assert torch.equal(padded[0, :2], flat[:2]) and (padded[0, 2:] == -1).all()
+    assert torch.equal(padded[1, :3], flat[2:]) and (padded[1, 3:] == -1).all()
 
 
 def test_nested_form_refuses_routes_packed_unlike_the_tokens(qwen3):
