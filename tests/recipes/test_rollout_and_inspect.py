@@ -50,16 +50,20 @@ def test_rollout_command_bad_prompts(tmp_path, run_r3, small_run):
     (["--prompts", "vocab.jsonl"], "r3 rollout: error: vocab.jsonl:2: token id 512 is outside the model's vocabulary [0, 512)"),
     (["--prompts", "long.jsonl"], "r3 rollout: error: long.jsonl:1: prompt of 2048 tokens does not fit the model's context of 2048"),
 ])
-def test_rollout_errors_name_the_flag_and_come_before_the_engine(tmp_path, run_r3, small_run, args, message):
+def test_rollout_errors_name_the_flag_and_come_before_the_engine(tmp_path, monkeypatch, capsys, small_run, args, message):
+    """In-process (the command line itself is exercised above): one error line, no bar drawn, nothing written."""
+    from recipes.cli import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "p.jsonl").write_text('{"input_ids": [1, 2]}\n')
     (tmp_path / "vocab.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": [3, 512]}\n')
     (tmp_path / "long.jsonl").write_text(json.dumps({"input_ids": [1] * 2048}) + "\n")
     before = sorted(p.name for p in tmp_path.iterdir())
     base = {"--model": str(small_run["model"]), "--prompts": "p.jsonl", "--out": "r.safetensors"}
     base.update(zip(args[::2], args[1::2]))
-    proc = run_r3("rollout", *[x for kv in base.items() for x in kv], cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no bar drawn
+    assert main(["rollout", *[x for kv in base.items() for x in kv]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err  # no bar drawn
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

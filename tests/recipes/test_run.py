@@ -150,3 +150,19 @@ def test_bars_count_generated_tokens_and_trainer_forwards(small_run, small_recip
     assert "tok/s" in err or "s/tok" in err
     trainer_counts = [int(n) for n in re.findall(r"trainer:[^\r\n]*?(\d+)/2 ", err)]  # one micro-batch, native + replay
     assert trainer_counts[-1] == 2 and set(trainer_counts) == {0, 1, 2}, err
+
+
+@pytest.mark.parametrize("rollout, message", [
+    ({"prompts": {"length": 2048}}, "r3 run: error: rollout.prompts.length: prompt of 2048 tokens does not fit the model's context of 2048"),
+    ({"prompts": {"source": "jsonl", "path": "p.jsonl"}}, "r3 run: error: p.jsonl:2: token id 999 is outside the model's vocabulary [0, 512)"),
+])
+def test_prompts_the_model_cannot_take_fail_before_the_model_is_made(tmp_path, monkeypatch, capsys, small_recipe, rollout, message):
+    from recipes.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": [3, 999]}\n')
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(small_recipe, rollout=rollout)))
+    assert main(["run", "r.yaml", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "r.yaml"]  # no models/, no runs/
