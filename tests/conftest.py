@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from skip_policy import StrictSkips, strict_skips_requested
+from skip_policy import pytest_configure  # noqa: F401  (CI's strict skip policy, on when R3_STRICT_SKIPS is set)
 
 # Tiny models: a second intra-op thread only contends for the two cores CI has.
 torch.set_num_threads(1)
@@ -23,11 +23,6 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 # Recorded from a real SGLang 0.5.17 server (its README says how); part of the repository, so never skipped.
 SGLANG_FIXTURE = REPO / "tests" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if strict_skips_requested():
-        config.pluginmanager.register(StrictSkips(), "r3-strict-skips")
 
 
 @pytest.fixture(scope="session")

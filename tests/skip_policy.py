@@ -3,13 +3,13 @@
 A test that skips because a package is missing, a fixture file is absent or a
 module failed to import says nothing, and CI would stay green while a whole area
 goes untested (issue 16: 52 tests skipped silently in a fresh clone). With
-``R3_STRICT_SKIPS=1`` in the environment (``.ci/run`` sets it), the root conftest
-registers :class:`StrictSkips`, and the run fails when anything but a ``gpu`` test
+``R3_STRICT_SKIPS=1`` in the environment (``.ci/run`` sets it), :func:`pytest_configure`
+(the root conftest's) registers :class:`StrictSkips`, and the run fails when anything but a ``gpu`` test
 skipped, whole modules skipped at collection included; the offenders are listed
 with their reasons at the end of the output.
 
 This module imports nothing but pytest, so a plain pytest run in a scratch folder
-can load it (``tests/test_skip_policy.py`` does).
+can load it as its conftest does (``tests/test_skip_policy.py``) without paying for torch.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ def _reason(report: Any) -> str:
     if isinstance(longrepr, tuple) and len(longrepr) == 3:  # (path, line, "Skipped: reason")
         return str(longrepr[2]).removeprefix("Skipped: ")
     return str(longrepr)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The root conftest's hook (it imports this function): strict skips when ``R3_STRICT_SKIPS`` is set."""
+    if strict_skips_requested():
+        config.pluginmanager.register(StrictSkips(), "r3-strict-skips")
 
 
 class StrictSkips:

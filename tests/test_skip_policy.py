@@ -6,6 +6,7 @@ Skip reasons are always shown; with ``R3_STRICT_SKIPS=1`` (set by ``.ci/run``) a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -47,20 +48,27 @@ TESTS = {
     """,
 }
 
-# The repository's root conftest, loaded under another name so the scratch folder gets its real hooks.
+# The scratch folder's conftest takes the same hook as the repository's root conftest.
 CONFTEST = f"""
-import importlib.util, sys
+import sys
 sys.path.insert(0, {str(REPO / "tests")!r})
-spec = importlib.util.spec_from_file_location("r3_root_conftest", {str(REPO / "tests" / "conftest.py")!r})
-root = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(root)
-pytest_configure = root.pytest_configure
+from skip_policy import pytest_configure
 """
+
+
+def test_the_root_conftest_uses_this_policy():
+    """Loaded by path: several folders' conftests are all named ``conftest``."""
+    import skip_policy
+
+    spec = importlib.util.spec_from_file_location("r3_root_conftest", REPO / "tests" / "conftest.py")
+    root = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root)
+    assert root.pytest_configure is skip_policy.pytest_configure
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[bool, subprocess.CompletedProcess]:
-    """The scratch suite run twice at once, plain and strict (each pays for importing torch in the conftest)."""
+    """The scratch suite run twice at once, plain and strict."""
     folder = tmp_path_factory.mktemp("skip_policy")
     (folder / "conftest.py").write_text(CONFTEST)
     for name, source in TESTS.items():
