@@ -28,6 +28,21 @@ INIT_MODES = ("preset", "unit-scale")
 ENGINES = ("builtin",)  # engine="sglang" needs a server URL: not runnable from a recipe yet
 PROMPT_SOURCES = ("synthetic", "jsonl")
 DEVICE_PATTERN = r"cpu|cuda(:[0-9]+)?"
+# Recipes that ship inside the package, found by name: `r3 run tiny-moe`.
+PACKAGED_RECIPES = Path(__file__).resolve().parent
+
+
+class RecipeError(ValueError):
+    """A bad recipe value: ``key`` is the dotted recipe key, ``problem`` what is wrong with it.
+
+    Kept apart so a command that builds a recipe from its flags can name the flag the user
+    typed (``--model: ...``) instead of the key (``model.name: ...``).
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
 
 
 def _key(default: Any = dataclasses.MISSING, *, choices: tuple = (), minimum: float | None = None,
@@ -120,10 +135,8 @@ def _yaml(text: str) -> Any:
 
 
 def load_recipe(path: str | os.PathLike, overrides: typing.Sequence[str] = (), out: str | None = None) -> Recipe:
-    """Read, override (``key=value``, value in YAML syntax) and validate a recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"recipe {str(path)!r} does not exist")
+    """Read, override (``key=value``, value in YAML syntax) and validate a recipe file (or a packaged recipe's name)."""
+    path = find_recipe(path)
     try:
         raw = _yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -135,11 +148,29 @@ def load_recipe(path: str | os.PathLike, overrides: typing.Sequence[str] = (), o
     if out is not None:
         raw.setdefault("output", {})
         if not isinstance(raw["output"], dict):
-            raise ValueError("output: expected a mapping")
+            raise RecipeError("output", "expected a mapping")
         raw["output"]["dir"] = out
     recipe = parse_recipe(raw)
     check_prompt_source(recipe)
     return recipe
+
+
+def packaged_recipes() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml"))
+
+
+def find_recipe(name: str | os.PathLike) -> Path:
+    """A recipe file path as given, else the packaged recipe of that name (``tiny-moe`` or ``tiny-moe.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        packaged = PACKAGED_RECIPES / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+        if packaged.is_file():
+            return packaged
+    raise ValueError(
+        f"recipe {str(name)!r} does not exist: give a YAML file or a packaged recipe ({', '.join(packaged_recipes())})"
+    )
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -156,7 +187,7 @@ def apply_override(raw: dict, item: str) -> None:
     for depth, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"{'.'.join(parts[: depth + 1])}: expected a mapping, cannot set {key}")
+            raise RecipeError(".".join(parts[: depth + 1]), f"expected a mapping, cannot set {key}")
     node[parts[-1]] = value
 
 
@@ -177,25 +208,29 @@ def sampling_params(sampling: SamplingConfig) -> Any:
             top_k=sampling.top_k, seed=sampling.seed, stop_token_ids=tuple(sampling.stop_token_ids),
         )
     except ValueError as exc:
-        raise ValueError(f"rollout.sampling: {exc}") from None
+        # SamplingParams names its field first ("top_p must be in (0, 1], ..."): name the recipe key instead
+        name, _, rest = str(exc).partition(" ")
+        if name in {f.name for f in dataclasses.fields(SamplingConfig)}:
+            raise RecipeError(f"rollout.sampling.{name}", rest) from None
+        raise RecipeError("rollout.sampling", str(exc)) from None
 
 
 def _parse(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where or 'recipe'}: expected a mapping, got {_show(raw)}")
+        raise RecipeError(where or "recipe", f"expected a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
             known = ", ".join(fields)
-            raise ValueError(f"{_join(where, str(key))}: unknown key (known keys here: {known})")
+            raise RecipeError(_join(where, str(key)), f"unknown key (known keys here: {known})")
     values = {}
     for name, f in fields.items():
         key = _join(where, name)
         if name in raw:
             values[name] = _value(hints[name], raw[name], key, f.metadata)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ValueError(f"{key}: missing (required)")
+            raise RecipeError(key, "missing (required)")
     return cls(**values)
 
 
@@ -209,28 +244,28 @@ def _value(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         return _parse(hint, value, key)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {_show(value)}")
+            raise RecipeError(key, f"expected true or false, got {_show(value)}")
     elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {_show(value)}")
+            raise RecipeError(key, f"expected an integer, got {_show(value)}")
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {_show(value)}")
+            raise RecipeError(key, f"expected a number, got {_show(value)}")
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {_show(value)}")
+            raise RecipeError(key, f"expected a string, got {_show(value)}")
     elif typing.get_origin(hint) is list:
         if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            raise ValueError(f"{key}: expected a list of integers, got {_show(value)}")
+            raise RecipeError(key, f"expected a list of integers, got {_show(value)}")
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"{key}: unsupported schema type {hint}")
     if meta.get("choices") and value not in meta["choices"]:
-        raise ValueError(f"{key}: expected one of {', '.join(meta['choices'])}, got {_show(value)}")
+        raise RecipeError(key, f"expected one of {', '.join(meta['choices'])}, got {_show(value)}")
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
-        raise ValueError(f"{key}: expected {meta['pattern']}, got {_show(value)}")
+        raise RecipeError(key, f"expected {meta['pattern']}, got {_show(value)}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
-        raise ValueError(f"{key}: must be >= {meta['minimum']}, got {_show(value)}")
+        raise RecipeError(key, f"must be >= {meta['minimum']}, got {_show(value)}")
     return value
 
 
@@ -240,10 +275,10 @@ def _check_model(model: ModelConfig) -> None:
     if model.name in PRESETS:
         return
     if model.init != "preset":
-        raise ValueError(f"model.init: {model.init!r} applies to presets only, {model.name!r} is a checkpoint")
+        raise RecipeError("model.init", f"{model.init!r} applies to presets only, {model.name!r} is a checkpoint")
     if not (Path(model.name) / "config.json").is_file():
-        raise ValueError(
-            f"model.name: {model.name!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint directory"
+        raise RecipeError(
+            "model.name", f"{model.name!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a checkpoint directory"
         )
 
 
@@ -251,11 +286,11 @@ def check_prompt_source(recipe: Recipe) -> None:
     prompts = recipe.rollout.prompts
     if prompts.source == "jsonl":
         if prompts.path is None:
-            raise ValueError("rollout.prompts.path: required when rollout.prompts.source is jsonl")
+            raise RecipeError("rollout.prompts.path", "required when rollout.prompts.source is jsonl")
         if not Path(prompts.path).is_file():
-            raise ValueError(f"rollout.prompts.path: {prompts.path!r} does not exist")
+            raise RecipeError("rollout.prompts.path", f"{prompts.path!r} does not exist")
     elif prompts.path is not None:
-        raise ValueError("rollout.prompts.path: only used when rollout.prompts.source is jsonl")
+        raise RecipeError("rollout.prompts.path", "only used when rollout.prompts.source is jsonl")
 
 
 def _join(where: str, name: str) -> str:

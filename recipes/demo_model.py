@@ -11,12 +11,16 @@ matrix except the embedding is drawn with std ``1/sqrt(fan_in)`` (the
 LeCun/Kaiming scale that trained layers end up near), so attention and every
 expert contribute at the scale of the residual stream and logits have unit
 spread. Measured with ``r3 run recipes/tiny-moe.yaml`` (bf16 engine, fp32
-trainer, 32x32 generated tokens), native -> R3 replay:
+trainer, 32x32 generated tokens; 2026-12-01, torch 2.13.0, transformers 5.10.4),
+native -> R3 replay:
 
-* preset init (``--set model.init=preset``): agreement 99.39% -> 100%,
-  mean |dlogp| 0.00098 -> 0.00083 (1.2x), k3 KL 1.2e-6 -> 5.4e-7;
-* unit-scale: agreement 97.59% -> 100%, mean |dlogp| 0.0376 -> 0.0099 (3.8x),
-  k3 KL 7.3e-3 -> 8.5e-5 (86x).
+* preset init (``--set model.init=preset``): agreement 99.42% -> 100%,
+  mean |dlogp| 0.00093 -> 0.00080 (1.16x), k3 KL 1.06e-6 -> 4.98e-7 (2.1x);
+* unit-scale: agreement 97.56% -> 100%, mean |dlogp| 0.0364 -> 0.0096 (3.79x),
+  k3 KL 5.89e-3 -> 7.84e-5 (75x).
+
+``r3 init-model --preset NAME --init unit-scale --seed N`` writes the same
+checkpoint (same bytes, same fingerprint) as a recipe with ``model.init: unit-scale``.
 
 Training was tried instead: 300 AdamW steps of the 0.02 preset on a synthetic
 modular-arithmetic task took minutes on this busy 2-core CPU and left the
@@ -31,8 +35,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from rollout.atomic import atomic_dir
 
 DEMO_SUFFIX = "unit-scale"
 
@@ -58,18 +60,14 @@ def make_demo_model(preset: str, out: str | os.PathLike, seed: int = 0, dtype: s
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rollout.presets import make_config
+    from rollout.presets import make_config, save_checkpoint
 
     config = make_config(preset)
     torch.manual_seed(seed)  # the embedding keeps the preset's init, drawn from the global generator
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     unit_scale_(model, seed)
     model.to(getattr(torch, dtype))
-    model.generation_config.pad_token_id = None
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-    return out
+    return save_checkpoint(model, out)
 
 
 def ensure_demo_model(models_dir: str | os.PathLike, preset: str, seed: int = 0) -> Path:

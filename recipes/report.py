@@ -21,6 +21,11 @@ from rollout.types import Rollout
 NATIVE = "native"
 REPLAY = "replay"
 PLOT_NAME = "report.png"
+AGREEMENT_DEFINITION = (
+    "share of routed (token, MoE layer) rows where the ids reaching the trainer's experts are the rollout's "
+    "top-k set, averaged over MoE layers; every layer has the same routed rows (each sequence's final token "
+    "has none), so this is also the token-weighted share."
+)
 
 
 @dataclass
@@ -68,14 +73,20 @@ def _finite(x: float) -> float | None:
 
 
 def build_report(
-    native: Condition, replay: Condition | None, rollout: dict[str, Any], run: dict[str, Any]
+    native: Condition, replay: Condition | None, rollout: dict[str, Any], run: dict[str, Any],
+    guard: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``report.json``'s content; ``replay`` is ``None`` when the recipe turns replay off."""
+    """``report.json``'s content; ``replay`` (and ``guard``) are ``None`` when the recipe turns replay off.
+
+    ``guard``: the misalignment guard during the replayed forwards, as ``trainer_logprobs`` returns it
+    (``mode``, ``threshold``, ``lowest_overlap``, ``warnings``).
+    """
     report: dict[str, Any] = {
         "run": run,
         "rollout": rollout,
         NATIVE: native.summary(),
         REPLAY: None if replay is None else replay.summary(),
+        "guard": guard,
     }
     if replay is not None:
         n, r = native.mismatch, replay.mismatch
@@ -83,7 +94,50 @@ def build_report(
             "mean_abs_logprob_diff_ratio": _ratio(n["mean_abs"], r["mean_abs"]),
             "k3_kl_ratio": _ratio(n["k3_kl"], r["k3_kl"]),
         }
+    report["verdict"] = verdict(report)
     return report
+
+
+def _times(x: float | None) -> str:
+    return "to exactly zero" if x is None else f"{x:.2f}x"
+
+
+def _smaller(ratio: float | None) -> str:
+    """``ratio`` = native / replay."""
+    if ratio is None:
+        return "exactly zero"
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x LARGER"
+
+
+def _guard_words(guard: dict[str, Any] | None) -> str:
+    if guard is None or guard["mode"] == "off":
+        return "the misalignment guard was off"
+    seen = "" if guard["lowest_overlap"] is None else (
+        f" (lowest per-layer native/replayed overlap {guard['lowest_overlap']:.3f}, threshold {guard['threshold']:.3f})")
+    if guard["warnings"]:
+        return f"the misalignment guard FIRED {guard['warnings']} time(s){seen}"
+    return f"the misalignment guard did not fire{seen}"
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One line: did replay reach every rollout route, did the guard fire, and by how much mismatch shrank."""
+    native, replay, mode = report[NATIVE], report[REPLAY], report["run"]["replay"]
+    agree = "routing agreement with the rollout (share of routed (token, MoE layer) rows)"
+    if replay is None:
+        return (f"Verdict: replay off, native routing only: {agree} {native['routing_agreement']:.2%}; "
+                f"mean |dlogp| {native['mean_abs_logprob_diff']:.4g}, k3 KL {native['k3_kl']:.3g}.")
+    effect = report["effect"]
+    shrink = (f"with replay mean |dlogp| is {_smaller(effect['mean_abs_logprob_diff_ratio'])} and "
+              f"k3 KL {_smaller(effect['k3_kl_ratio'])}")
+    agreement = f"{agree} {native['routing_agreement']:.2%} native -> {replay['routing_agreement']:.2%} replayed"
+    if mode == "r3":
+        guard = report.get("guard")
+        ok = (replay["routing_agreement"] == 1.0 and not (guard and guard["warnings"])
+              and all(x is None or x > 1 for x in effect.values()))
+        head = "R3 replay works" if ok else "R3 replay did NOT work as expected"
+        return f"Verdict: {head}: {agreement}; {_guard_words(guard)}; {shrink}."
+    return (f"Verdict: R2 replays the trainer's own routes, so it cannot fix rollout/trainer routing: {agreement}; "
+            f"{shrink}.")
 
 
 def _ratio(native: float, replay: float) -> float | None:
@@ -116,7 +170,8 @@ def table(report: dict[str, Any]) -> str:
     ro = report["rollout"]
     lines.append(
         f"rollout: {ro['sequences']} sequences, {ro['generated_tokens']} generated tokens, "
-        f"{ro['tokens_per_second']:.1f} tok/s, {ro['route_bytes_per_token']:.0f} route bytes/token"
+        f"{ro['tokens_per_second']:.1f} tok/s (engine load not included), "
+        f"{ro['route_bytes_per_token']:.0f} route bytes/token"
     )
     return "\n".join(lines)
 
@@ -127,6 +182,8 @@ def markdown(report: dict[str, Any]) -> str:
     parts = [
         "# R3 consistency report",
         "",
+        f"**{report['verdict']}**",
+        "",
         f"Model `{run['model']}` (fingerprint `{run['model_fingerprint']}`). Rollout: {ro['engine']} engine, "
         f"{ro['dtype']}, overlap {'on' if ro['overlap'] else 'off'}, on {ro['device']}. Trainer: transformers, "
         f"{run['trainer_dtype']} on {run['trainer_device']}, replay mode `{replay_mode}`.",
@@ -135,20 +192,17 @@ def markdown(report: dict[str, Any]) -> str:
         table(report),
         "```",
         "",
-        "*Routing agreement*: share of (token, MoE layer) rows where the ids reaching the trainer's "
-        "experts are the rollout's top-k set; rows without a rollout route (each sequence's final token) "
-        "are left out. *|dlogp|*: |rollout logprob - trainer logprob| per generated token. *k3 KL*: mean of "
-        "exp(r) - 1 - r with r = logp_rollout - logp_trainer.",
+        f"*Routing agreement*: {AGREEMENT_DEFINITION} *Min layer agreement*: the lowest layer's share. "
+        "*|dlogp|*: |rollout logprob - trainer logprob| per generated token. *k3 KL*: mean of "
+        "exp(r) - 1 - r with r = logp_rollout - logp_trainer. *tok/s*: generated tokens / wall time of "
+        "the generate loop, engine load not included.",
         "",
     ]
     effect = report.get("effect")
     if effect:
-        def times(x: float | None) -> str:
-            return "to exactly zero" if x is None else f"{x:.2f}x"
-
         parts += [
-            f"Effect of replay: mean |dlogp| shrinks {times(effect['mean_abs_logprob_diff_ratio'])}, "
-            f"k3 KL {times(effect['k3_kl_ratio'])}. What remains is numerics (rollout {ro['dtype']} vs "
+            f"Effect of replay: mean |dlogp| shrinks {_times(effect['mean_abs_logprob_diff_ratio'])}, "
+            f"k3 KL {_times(effect['k3_kl_ratio'])}. What remains is numerics (rollout {ro['dtype']} vs "
             f"trainer {run['trainer_dtype']}), which replay does not touch.",
             "",
         ]
@@ -163,37 +217,48 @@ def plot_png(native: Condition, replay: Condition | None) -> bytes:
 
 
 def plot_figure(native: Condition, replay: Condition | None) -> Any:
-    """Two panels: per-layer routing agreement, and the |dlogp| distribution; one colour per condition."""
+    """Two panels, one colour per condition and one legend above both (clear of the data).
+
+    Agreement bars start at 0, so a 2-point gap looks like one; each bar is labelled with its
+    value so the gap can still be read. The |dlogp| histogram has log axes; exact zeros (which a
+    log axis cannot show) are drawn at a floor that the x-label then names.
+    """
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     conditions = [c for c in (native, replay) if c is not None]
-    fig = Figure(figsize=(11, 4.2), dpi=110)
+    fig = Figure(figsize=(11, 4.6), dpi=110)
     ax_layers, ax_hist = fig.subplots(1, 2)
     layers = np.arange(len(native.layer_agreement))
     width = 0.8 / len(conditions)
+    handles = []
     for i, cond in enumerate(conditions):
-        ax_layers.bar(layers + (i - (len(conditions) - 1) / 2) * width, 100 * cond.layer_agreement, width,
-                      label=cond.label)
-    low = min(float(np.nanmin(c.layer_agreement)) for c in conditions)
-    ax_layers.set_ylim(max(0.0, 100 * low - 2 * (100 - 100 * low) - 0.5), 100.2)
+        bars = ax_layers.bar(layers + (i - (len(conditions) - 1) / 2) * width, 100 * cond.layer_agreement, width)
+        handles.append(bars)
+        if len(layers) * len(conditions) <= 16:  # readable labels; wide models show the bars only
+            ax_layers.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax_layers.set_ylim(0, 108)
+    ax_layers.set_yticks(range(0, 101, 20))
     ax_layers.set_xticks(layers)
     ax_layers.set_xlabel("MoE layer")
     ax_layers.set_ylabel("routing agreement with rollout (%)")
-    ax_layers.set_title("Per-layer routing agreement")
-    ax_layers.legend(loc="lower left")
+    ax_layers.set_title("Per-layer routing agreement (bars from 0)")
 
-    floor = 1e-7
-    values = np.concatenate([np.maximum(c.abs_logprob_diff, floor) for c in conditions])
-    low_edge = max(floor, float(values.min()) / 2)
-    bins = np.logspace(np.log10(low_edge), np.log10(max(float(values.max()), low_edge * 10)), 50)
-    for cond in conditions:
-        ax_hist.hist(np.maximum(cond.abs_logprob_diff, floor), bins=bins, histtype="step", linewidth=1.6,
-                     label=f"{cond.label} (mean {cond.mismatch['mean_abs']:.4f})")
+    values = np.concatenate([c.abs_logprob_diff for c in conditions])
+    positive = values[values > 0]
+    floor = float(positive.min()) / 2 if positive.size else 1e-7
+    top = max(float(values.max()), floor * 10)
+    bins = np.logspace(np.log10(floor), np.log10(top), 50)
+    for cond, color in zip(conditions, [h.patches[0].get_facecolor() for h in handles]):
+        ax_hist.hist(np.maximum(cond.abs_logprob_diff, floor), bins=bins, histtype="step", linewidth=1.6, color=color)
     ax_hist.set_xscale("log")
     ax_hist.set_yscale("log")
-    ax_hist.set_xlabel(f"|logp rollout - logp trainer| (values below {floor:g} drawn at {floor:g})")
+    zeros = int((values == 0).sum())
+    note = f" ({zeros} exact zeros drawn at {floor:.1e})" if zeros else ""
+    ax_hist.set_xlabel(f"|logp rollout - logp trainer| per generated token{note}")
     ax_hist.set_ylabel("tokens")
     ax_hist.set_title("|dlogp| distribution")
-    ax_hist.legend(loc="upper right")
-    fig.tight_layout()
+
+    labels = [f"{c.label} (mean |dlogp| {c.mismatch['mean_abs']:.4f})" for c in conditions]
+    fig.legend(handles, labels, loc="upper center", ncol=len(conditions), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     return fig

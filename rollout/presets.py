@@ -76,6 +76,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+CHECKPOINT_FILE_MODE = 0o644
 # Families the built-in engine runs; the others exist for trainer_bridge tests.
 ENGINE_PRESETS = ("tiny-qwen3-moe", "tiny-qwen2-moe", "tiny-mixtral")
 
@@ -113,9 +114,22 @@ def init_model(
         torch.cuda.manual_seed_all(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    return save_checkpoint(model, out)
+
+
+def save_checkpoint(model: Any, out: str | os.PathLike) -> Path:
+    """``save_pretrained`` into a scratch directory that replaces ``out`` in one rename.
+
+    transformers writes ``*.safetensors`` with mode 0600 (through a private temporary
+    file) but ``config.json`` with 0644; every file gets the ordinary 0644 here, so a
+    checkpoint made by one user can be served or trained on by another.
+    """
     model.generation_config.pad_token_id = None
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
+        for path in tmp.iterdir():
+            if path.is_file():
+                path.chmod(CHECKPOINT_FILE_MODE)
     return out
 

@@ -70,6 +70,11 @@ class RolloutWorker:
         """One ``Rollout`` per prompt, in order; routes cover ``[start_len, len(prompt)+len(output)-1)``."""
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+        if prompts and all(isinstance(p, int) for p in prompts):
+            raise ValueError(
+                "prompts must be a list of prompts, each a list of token ids, e.g. [[1, 2, 3], [4, 5]]; "
+                f"got a flat list of {len(prompts)} ints (for one prompt, pass [prompt])"
+            )
         return self._backend.generate(list(prompts), sampling, start_len)
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny checkpoints made once per session, and the real SGLang fixture."""
+"""Shared fixtures (tiny checkpoints made once per session, the recorded SGLang replies) and CI's skip policy."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from skip_policy import pytest_configure  # noqa: F401  (CI's strict skip policy, on when R3_STRICT_SKIPS is set)
 
 # Tiny models: a second intra-op thread only contends for the two cores CI has.
 torch.set_num_threads(1)
@@ -19,7 +21,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SGLANG_FIXTURE = REPO.parent / "shared" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
+# Recorded from a real SGLang 0.5.17 server (its README says how); part of the repository, so never skipped.
+SGLANG_FIXTURE = REPO / "tests" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +44,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sglang_fixture() -> Path:
-    if not (SGLANG_FIXTURE / "replies.json").exists():
-        pytest.skip(f"real SGLang fixture not found at {SGLANG_FIXTURE}")
+    """The recorded SGLang checkpoint and replies (read only)."""
+    if not (SGLANG_FIXTURE / "replies.json").is_file():
+        pytest.fail(f"the recorded SGLang fixture is missing from the checkout: {SGLANG_FIXTURE}")
     return SGLANG_FIXTURE

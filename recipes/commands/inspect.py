@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint to compare the routes with (must be the model that made them)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the comparison forward")
     p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' included)")
 
 
 def summarize(rollouts: Sequence[Rollout], header: Any) -> dict[str, Any]:
@@ -31,8 +32,10 @@ def summarize(rollouts: Sequence[Rollout], header: Any) -> dict[str, Any]:
     }
 
 
-def native_agreement(model_dir: str, rollouts: Sequence[Rollout], dtype: str, micro_batch_size: int) -> np.ndarray:
-    """Per MoE layer: share of routed rows where the model's own top-k (transformers forward) equals the file's."""
+def native_agreement(
+    model_dir: str, rollouts: Sequence[Rollout], dtype: str, micro_batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per MoE layer: routed rows where the model's own top-k (transformers forward) equals the file's, and all routed rows."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,7 +56,7 @@ def native_agreement(model_dir: str, rollouts: Sequence[Rollout], dtype: str, mi
             share = routing_agreement(recording.routes, batch.routes).numpy()
             same += np.nan_to_num(share) * valid
             total += valid
-    return same / np.maximum(total, 1)
+    return same, total
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,18 +72,31 @@ def run(args: argparse.Namespace) -> int:
         if header.model_fingerprint is not None and header.model_fingerprint != fingerprint:
             raise ValueError(
                 f"{args.file} was recorded on model {header.model_fingerprint}, but {args.model} is {fingerprint}: "
-                "its routes do not belong to this model"
+                "its routes do not belong to this model (the recipes' demo model is "
+                "`r3 init-model --preset NAME --init unit-scale --seed N`, not the preset's own init)"
             )
         spec = MoESpec.from_pretrained(args.model)
         for i, r in enumerate(rollouts):
             if r.routed_experts is not None:
                 spec.check(r.routed_experts, what=f"routes of sequence {i}")
         if info["sequences_with_routes"]:
-            per_layer = native_agreement(args.model, rollouts, args.dtype, args.micro_batch_size)
-            info["native_routing_agreement"] = float(per_layer.mean())
-            info["native_routing_agreement_per_layer"] = [round(float(x), 6) for x in per_layer]
+            from recipes.progress import library_bars
+
+            with library_bars(not args.no_progress):
+                same, total = native_agreement(args.model, rollouts, args.dtype, args.micro_batch_size)
+            info["native_routing_agreement"] = float(same.sum() / max(total.sum(), 1))
+            info["native_routing_agreement_per_layer"] = [float(x) for x in same / np.maximum(total, 1)]
     width = max(len(k) for k in info)
     for key, value in info.items():
-        shown = f"{value:.4%}" if key == "native_routing_agreement" else value
-        print(f"{key.ljust(width)}  {shown}")
+        print(f"{key.ljust(width)}  {_shown(key, value)}")
     return 0
+
+
+def _shown(key: str, value: Any) -> str:
+    """Agreements as percentages with their definition; every other value as it is."""
+    if key == "native_routing_agreement":
+        return (f"{value:.4%}  (token-weighted: share of all routed (token, MoE layer) rows where the model's own "
+                "top-k set equals the file's)")
+    if key == "native_routing_agreement_per_layer":
+        return f"[{', '.join(f'{x:.4%}' for x in value)}]  (the same share within each MoE layer)"
+    return str(value)

@@ -1,4 +1,4 @@
-"""``r3 run RECIPE [--set key=value ...] [--out DIR]``: the main job."""
+"""``r3 run RECIPE [--set key=value ...] [--out DIR] [--no-progress]``: the main job."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from recipes.config import load_recipe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML (keys: docs/recipes.md)")
+    p.add_argument("recipe", help="recipe YAML (keys: docs/recipes.md), or a packaged recipe's name, e.g. tiny-moe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set rollout.num_prompts=8 (value in YAML syntax); repeatable")
     p.add_argument("--out", help="output directory (overrides output.dir)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' included)")
 
 
 def run(args: argparse.Namespace) -> int:

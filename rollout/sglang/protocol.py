@@ -16,7 +16,7 @@ Field names and encodings follow SGLang's own sources, read from
   base64 of the raw int32 tensor bytes.
 
 The exact reply shape was then checked against real SGLang 0.5.17 replies
-(``shared/fixtures/sglang-0.5.17-tiny-qwen3-moe``): routes are base64 of
+(``tests/fixtures/sglang-0.5.17-tiny-qwen3-moe``): routes are base64 of
 little-endian int32, flat, logical ``[seq_len - 1 - start_len,
 num_hidden_layers, top_k]`` with dense layers as zeros;
 ``output_token_logprobs`` is ``[[logprob, token_id, null], ...]``;

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipes.config import Recipe, load_recipe, parse_recipe
+from recipes.config import Recipe, RecipeError, load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = {"name": "tiny-qwen3-moe"}
@@ -38,7 +38,7 @@ def test_defaults_fill_in():
     ({"model": MODEL, "rollout": {"num_prompts": 0}}, "rollout.num_prompts: must be >= 1, got 0"),
     ({"model": MODEL, "trainer": {"replay": "r4"}}, "trainer.replay: expected one of off, r2, r3, got 'r4'"),
     ({"model": MODEL, "trainer": {"device": "gpu"}}, "trainer.device: expected"),
-    ({"model": MODEL, "rollout": {"sampling": {"top_p": 0}}}, "rollout.sampling: top_p must be in [1e-06, 1]"),
+    ({"model": MODEL, "rollout": {"sampling": {"top_p": 0}}}, "rollout.sampling.top_p: must be in [1e-06, 1], got 0.0"),
     ({"model": MODEL, "rollout": {"sampling": {"stop_token_ids": [1, "x"]}}},
      "rollout.sampling.stop_token_ids: expected a list of integers"),
     ({"model": MODEL, "rollout": {"sampling": 3}}, "rollout.sampling: expected a mapping, got 3"),
@@ -49,6 +49,13 @@ def test_defaults_fill_in():
 ])
 def test_errors_name_the_key(raw, message):
     assert message in _error(raw)
+
+
+def test_errors_carry_the_key_apart_from_the_problem():
+    """What lets `r3 rollout` name its flag instead of the key."""
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"model": MODEL, "rollout": {"sampling": {"max_new_tokens": 0}}})
+    assert (info.value.key, info.value.problem) == ("rollout.sampling.max_new_tokens", "must be >= 1, got 0")
 
 
 def test_checkpoint_path_model(tmp_path):
@@ -82,6 +89,16 @@ def test_yaml_off_is_a_string(tmp_path):
     recipe = load_recipe(path, ["rollout.overlap=false"])
     assert (recipe.trainer.replay, recipe.trainer.guard, recipe.rollout.overlap) == ("off", "off", False)
     assert load_recipe(path, ["trainer.replay=r2"]).trainer.replay == "r2"
+
+
+def test_packaged_recipes_are_found_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: the installed package's copy is used
+    shipped = load_recipe(REPO / "recipes" / "tiny-moe.yaml")
+    assert load_recipe("tiny-moe") == shipped == load_recipe("tiny-moe.yaml")
+    (tmp_path / "tiny-moe.yaml").write_text(yaml.safe_dump({"model": MODEL, "output": {"dir": "mine"}}))
+    assert load_recipe("tiny-moe.yaml").output.dir == "mine"  # a file of that name wins
+    with pytest.raises(ValueError, match=r"recipe 'tiny-mo' does not exist: .*packaged recipe \(bench-moe-gpu, tiny-moe\)"):
+        load_recipe("tiny-mo")
 
 
 def test_file_errors(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -116,3 +117,52 @@ def test_small_run_on_cuda(tmp_path, small_recipe):
     assert report["replay"]["routing_agreement"] == 1.0
     assert report["replay"]["mean_abs_logprob_diff"] < report["native"]["mean_abs_logprob_diff"]
     assert report["replay"]["k3_kl"] < report["native"]["k3_kl"]
+
+
+@pytest.mark.slow
+def test_no_progress_silences_every_bar(small_run):
+    """The small run made the demo model ("Writing model shards") and loaded it in transformers ("Loading weights")."""
+    assert not re.search(r"\d+%\|", small_run["proc"].stderr), small_run["proc"].stderr
+
+
+@pytest.mark.slow
+def test_bars_count_generated_tokens_and_trainer_forwards(small_run, small_recipe, monkeypatch, capsys):
+    """Sequences of one batch all finish on the last steps; a bar of finished sequences would sit at 0% then jump."""
+    from tqdm import tqdm
+
+    import recipes.progress
+    from recipes.pipeline import generate, trainer_logprobs
+
+    def every_update(desc: str, total: int, unit: str, enabled: bool) -> tqdm:
+        """The same bar, redrawn on every update (tqdm otherwise waits 0.1 s), so the test sees each count."""
+        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=0, miniters=1)
+
+    monkeypatch.setattr(recipes.progress, "bar", every_update)
+    small_recipe["model"] = {"name": str(small_run["model"])}
+    small_recipe["rollout"]["sampling"]["max_new_tokens"] = 5
+    recipe = parse_recipe(small_recipe)
+    rollouts, _ = generate(small_run["model"], recipe, [[1, 2, 3], [4, 5], [6]], progress=True)
+    trainer_logprobs(small_run["model"], recipe, rollouts, progress=True)
+    err = capsys.readouterr().err
+    rollout_counts = [int(n) for n in re.findall(r"rollout:[^\r\n]*?(\d+)/15 ", err)]
+    assert rollout_counts[-1] == 15 and len(set(rollout_counts)) >= 5, err  # 3 tokens a step: 0, 3, 6, ..., 15
+    assert rollout_counts == sorted(rollout_counts)
+    assert "tok/s" in err or "s/tok" in err
+    trainer_counts = [int(n) for n in re.findall(r"trainer:[^\r\n]*?(\d+)/2 ", err)]  # one micro-batch, native + replay
+    assert trainer_counts[-1] == 2 and set(trainer_counts) == {0, 1, 2}, err
+
+
+@pytest.mark.parametrize("rollout, message", [
+    ({"prompts": {"length": 2048}}, "r3 run: error: rollout.prompts.length: prompt of 2048 tokens does not fit the model's context of 2048"),
+    ({"prompts": {"source": "jsonl", "path": "p.jsonl"}}, "r3 run: error: p.jsonl:2: token id 999 is outside the model's vocabulary [0, 512)"),
+])
+def test_prompts_the_model_cannot_take_fail_before_the_model_is_made(tmp_path, monkeypatch, capsys, small_recipe, rollout, message):
+    from recipes.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"input_ids": [1, 2]}\n{"input_ids": [3, 999]}\n')
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(dict(small_recipe, rollout=rollout)))
+    assert main(["run", "r.yaml", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "r.yaml"]  # no models/, no runs/

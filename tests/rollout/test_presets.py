@@ -18,6 +18,8 @@ TINY = sorted(p for p in PRESETS if p.startswith("tiny-"))
 @pytest.mark.parametrize("preset", TINY)
 def test_tiny_preset_loads_and_trains(preset, tiny_model_dir):
     path = tiny_model_dir(preset)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert set(modes.values()) == {0o644}, f"checkpoint files get ordinary permissions: {modes}"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     spec = MoESpec.from_pretrained(path)
     assert spec.num_experts == 8 and spec.top_k == 2 and spec.moe_layers

@@ -46,3 +46,10 @@ def test_closing_frees_the_engine(tiny_model_dir):
     assert worker.backend.model is None and worker.backend.kv is None
     with pytest.raises(ValueError, match="engine is closed"):
         worker.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+
+
+def test_a_flat_prompt_list_is_told_the_expected_shape(tiny_model_dir):
+    with RolloutWorker(tiny_model_dir("tiny-qwen3-moe")) as worker:
+        with pytest.raises(ValueError, match=r"list of prompts, each a list of token ids, e\.g\. \[\[1, 2, 3\]"):
+            worker.generate([1, 2, 3], SamplingParams(max_new_tokens=1))
+        assert not worker.backend.has_unfinished()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from rollout.moe_spec import MoESpec
@@ -18,7 +16,6 @@ FAMILY_PRESETS = (
     "tiny-gpt-oss",
     "tiny-glm4-moe",
 )
-SGLANG_FIXTURE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "sglang-0.5.17-tiny-qwen3-moe"
 
 
 class ExpertInputs:

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from replay_helpers import SGLANG_FIXTURE, ExpertInputs
+from replay_helpers import ExpertInputs
 from rollout.moe_spec import MoESpec
 from rollout.routed_experts import RoutedExperts
 from rollout.types import FINISH_LENGTH, Rollout
 from trainer_bridge import metrics, pad_batch, record, replay
 
-pytestmark = pytest.mark.skipif(
-    not (SGLANG_FIXTURE / "replies.json").exists(), reason=f"SGLang fixture not found at {SGLANG_FIXTURE}"
-)
 
-
-def _rollouts(spec: MoESpec) -> list[Rollout]:
-    cases = json.loads((SGLANG_FIXTURE / "replies.json").read_text())["cases"]
+def _rollouts(fixture, spec: MoESpec) -> list[Rollout]:
+    cases = json.loads((fixture / "replies.json").read_text())["cases"]
     rollouts = []
     for case in cases:
         request, reply = case["request"], case["reply"]
@@ -42,10 +37,10 @@ def _rollouts(spec: MoESpec) -> list[Rollout]:
     return rollouts
 
 
-def test_sglang_routes_replay_on_every_row_while_native_routing_differs_slightly():
-    model = AutoModelForCausalLM.from_pretrained(SGLANG_FIXTURE, dtype=torch.float32).eval()
+def test_sglang_routes_replay_on_every_row_while_native_routing_differs_slightly(sglang_fixture):
+    model = AutoModelForCausalLM.from_pretrained(sglang_fixture, dtype=torch.float32).eval()
     spec = MoESpec.from_config(model.config)
-    rollouts = _rollouts(spec)
+    rollouts = _rollouts(sglang_fixture, spec)
     assert len(rollouts) == 10
     batch = pad_batch(rollouts, spec)
     inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)

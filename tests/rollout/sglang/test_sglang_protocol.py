@@ -12,6 +12,7 @@ import pytest
 from rollout.moe_spec import MoESpec
 from rollout.routed_experts import RoutedExperts
 from rollout.sglang.protocol import (
+    build_reply,
     build_request,
     decode_finish_reason,
     decode_reply,
@@ -19,7 +20,7 @@ from rollout.sglang.protocol import (
     sampling_from_sglang,
     sampling_to_sglang,
 )
-from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams
+from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
 
 # Cases of replies.json (see the fixture's README).
 CASE_PREFIX_SOURCE, CASE_PREFIX_CACHED, CASE_START_LEN, CASE_NO_ROUTES = 0, 8, 9, 10
@@ -176,6 +177,26 @@ def test_finish_reasons():
     assert decode_finish_reason("stop") == FINISH_STOP
     with pytest.raises(ValueError):
         decode_finish_reason({"type": "weird"})
+
+
+@pytest.mark.parametrize("reason, wire", [
+    (FINISH_LENGTH, {"type": "length", "length": 3}),
+    (FINISH_STOP, {"type": "stop", "matched": 29}),
+    (FINISH_ABORT, {"type": "abort", "message": "aborted by the engine"}),
+])
+def test_served_replies_carry_each_finish_reason_and_decode_back(reason, wire):
+    """What r3 serve sends for each way a request ends, in SGLang 0.5.17's shape, and the client's reading of it."""
+    spec = MoESpec("qwen3_moe", 2, (0, 1), 8, 2)
+    prompt, output = [3, 4], [17, 5, 29]
+    routes = RoutedExperts(np.array([[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[1, 0], [3, 2]], [[5, 4], [7, 6]]]), 8, (0, 1))
+    rollout = Rollout(prompt, output, [-0.5, -0.25, -1.0], reason, routes)
+    item = parse_request({"input_ids": prompt, "sampling_params": {"max_new_tokens": 3}, "return_logprob": True,
+                          "return_routed_experts": True}, vocab_size=64, max_seq_len=32).items[0]
+    reply = json.loads(json.dumps(build_reply(item, rollout, spec, capture=True)))  # through JSON, as on the wire
+    assert reply["meta_info"]["finish_reason"] == wire
+    back = decode_reply(reply, prompt, spec)
+    assert (back.finish_reason, back.output_ids, back.output_logprobs) == (reason, output, [-0.5, -0.25, -1.0])
+    assert back.routed_experts == routes
 
 
 def test_requests_use_sglang_names_and_round_trip(recorded):

@@ -19,7 +19,9 @@ import warnings
 
 import pytest
 
-pytest.importorskip("verl", reason="verl 0.9.x is not installed (see trainer_bridge/verl/requirements-ci.txt)")
+from verl_stack import require
+
+require("verl_harness")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

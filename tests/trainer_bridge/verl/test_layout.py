@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from rollout.moe_spec import MoESpec
-from rollout.presets import make_config
+from rollout.presets import PRESETS, make_config
 from rollout.routed_experts import RoutedExperts
 from rollout.types import FINISH_LENGTH, Rollout
 from trainer_bridge.verl import check_verl_routes, rollouts_to_verl_fields, routes_from_nested, routes_from_padded
+from trainer_bridge.verl.layout import packed_model_routes, padded_model_routes
 
 
 @pytest.fixture
@@ -25,6 +26,12 @@ def qwen3() -> MoESpec:
 def qwen2() -> MoESpec:
     """Dense layer 0: verl keeps it as zeros, the replay tensor drops it."""
     return MoESpec.from_config(make_config("tiny-qwen2-moe"))
+
+
+@pytest.fixture
+def top1() -> MoESpec:
+    """top_k = 1: an all-zero row is a real route through expert 0, so only structure can say "no route"."""
+    return MoESpec.from_config(dict(PRESETS["tiny-qwen3-moe"], num_experts_per_tok=1))
 
 
 def rollout(spec: MoESpec, prompt: list[int], output: list[int], seed: int) -> Rollout:
@@ -71,6 +78,28 @@ def test_padded_form_reads_zero_rows_as_no_route_but_keeps_expert_zero(qwen2):
     assert routes[0, 2, 0].tolist() == [0, 3]
 
 
+def test_top1_final_token_routes_natively_while_expert_zero_rows_replay(top1):
+    """With top_k = 1 the all-zero filler rule cannot apply: the final-token mask alone keeps it from replaying expert 0."""
+    rollouts = [rollout(top1, [5, 6, 7], [8, 9], 0), rollout(top1, [1], [2, 3, 4], 1)]
+    rollouts[0].routed_experts.ids[:2] = 0  # real routes through expert 0 on every layer
+    f = rollouts_to_verl_fields(rollouts, top1, prompt_length=4, response_length=3)
+    routes = routes_from_padded(f["routed_experts"], f["attention_mask"], top1)
+    for i, (r, start) in enumerate(zip(rollouts, (1, 3))):
+        n = r.num_tokens
+        assert torch.equal(routes[i, start : start + n - 1], r.routed_experts.to_torch()), f"sequence {i}"
+        assert (routes[i, start + n - 1] == -1).all(), f"sequence {i}: the final token must route natively"
+        assert (routes[i, :start] == -1).all() and (routes[i, start + n :] == -1).all()
+    assert (routes[0, 1:3] == 0).all()  # expert 0 is replayed where the rollout chose it
+
+
+def test_top1_nested_form_masks_each_final_token(top1):
+    values = torch.zeros(7, top1.num_hidden_layers, 1, dtype=torch.int16)  # every row expert 0
+    routes = torch.nested.nested_tensor_from_jagged(values, offsets=torch.tensor([0, 3, 7]))
+    tokens = torch.nested.nested_tensor_from_jagged(torch.arange(7), offsets=torch.tensor([0, 3, 7]))
+    out = routes_from_nested(routes, tokens, top1)
+    assert out[:, 0, 0].tolist() == [0, 0, -1, 0, 0, 0, -1]
+
+
 def test_trailing_zero_rows_inside_the_mask_route_natively(qwen3):
     """Multi-turn loops stop capturing at the last generation: verl leaves those attended rows zero."""
     routes = torch.zeros(1, 6, qwen3.num_hidden_layers, qwen3.top_k, dtype=torch.int16)
@@ -91,6 +120,21 @@ def test_nested_form_matches_verls_remove_padding(qwen2):
     nested = routes_from_nested(td["routed_experts"], td["input_ids"], qwen2)
     padded = routes_from_padded(f["routed_experts"], f["attention_mask"], qwen2)
     assert torch.equal(nested, padded[f["attention_mask"].bool()])
+
+
+def test_model_routes_follow_verls_packed_and_padded_inputs():
+    """verl appends its packing pad (pad_to_length, Ulysses alignment) after the tokens; padded inputs are right-padded."""
+    flat = torch.arange(5 * 4 * 2).reshape(5, 4, 2)
+    packed = packed_model_routes(flat, 8)
+    assert packed.shape == (1, 8, 4, 2)
+    assert torch.equal(packed[0, :5], flat) and (packed[0, 5:] == -1).all()
+    with pytest.raises(ValueError, match="the packed input has 4 tokens but the routes cover 5"):
+        packed_model_routes(flat, 4)
+    tokens = torch.nested.nested_tensor_from_jagged(torch.arange(5), offsets=torch.tensor([0, 2, 5]))
+    padded = padded_model_routes(flat, tokens, 4)
+    assert padded.shape == (2, 4, 4, 2)
+    assert torch.equal(padded[0, :2], flat[:2]) and (padded[0, 2:] == -1).all()
+    assert torch.equal(padded[1, :3], flat[2:]) and (padded[1, 3:] == -1).all()
 
 
 def test_nested_form_refuses_routes_packed_unlike_the_tokens(qwen3):

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("verl", reason="verl 0.9.x is not installed (see trainer_bridge/verl/requirements-ci.txt)")
+from verl_stack import require
+
+require("hydra", "verl.trainer.main_ppo", "verl.utils.config")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from verl.trainer.main_ppo import need_critic, need_reference_policy  # noqa: E402

@@ -12,7 +12,9 @@ import socket
 
 import pytest
 
-pytest.importorskip("verl", reason="verl 0.9.x is not installed (see trainer_bridge/verl/requirements-ci.txt)")
+from verl_stack import require
+
+require("verl_harness")
 
 import torch.multiprocessing as mp  # noqa: E402
 
