@@ -13,10 +13,9 @@ from rollout.engine.kernels.fused_moe import (  # noqa: E402
 )
 from rollout.engine.kernels.tuned import CONFIG_DIR_ENV  # noqa: E402
 from rollout.engine.models.layers import experts_forward  # noqa: E402
+from kernel_params import DEVICE, BF16  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton's CPU interpreter miscomputes bf16 tl.dot (see test_paged_decode_attention): bf16 on the GPU only
-BF16 = pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter bf16 dot"))
 SMALL = MoEConfig(16, GemmConfig(16, 16, 4, 2), GemmConfig(16, 32, 4, 2))  # several tiles in every dimension
 
 

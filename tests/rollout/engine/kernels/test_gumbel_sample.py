@@ -7,8 +7,7 @@ pytest.importorskip("triton")
 
 from rollout.engine.kernels.gumbel_sample import gumbel_argmax
 from rollout.engine.sampler import uniform_noise
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from kernel_params import DEVICE  # noqa: E402
 
 
 def torch_pick(candidates, seeds, positions, greedy):

@@ -9,8 +9,8 @@ from rollout.engine.kernels.rms_norm import rms_norm as fused_rms_norm  # noqa: 
 from rollout.engine.kernels.rope_kv import rope_qk_store_kv  # noqa: E402
 from rollout.engine.kernels.router_topk import router_topk  # noqa: E402
 from rollout.engine.models.layers import Rotary, rms_norm, route_topk  # noqa: E402
+from kernel_params import DEVICE  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 

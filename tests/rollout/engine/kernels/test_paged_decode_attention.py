@@ -6,12 +6,7 @@ import torch
 pytest.importorskip("triton")
 
 from rollout.engine.kernels.paged_decode_attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Triton 3.9's CPU interpreter computes bf16 tl.dot wrongly (a 16x16 bf16 dot is off by 1e10 there, fp16 and
-# fp32 are right), so bf16 runs on the GPU only; fp16 covers the low-precision path on CPU.
-BF16 = pytest.param(torch.bfloat16, 2e-2, marks=[pytest.mark.gpu, pytest.mark.skipif(
-    DEVICE == "cpu", reason="Triton's CPU interpreter miscomputes bf16 tl.dot; checked on CUDA")])
+from kernel_params import DEVICE, BF16  # noqa: E402
 
 
 def _case(batch, num_q_heads, num_kv_heads, head_dim, max_len, dtype, seed=0, slots=None):

@@ -8,9 +8,7 @@ pytest.importorskip("triton")
 from rollout.engine.kernels.paged_prefill_attention import (  # noqa: E402
     paged_prefill_attention, paged_prefill_attention_ref,
 )
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BF16 = pytest.param(torch.bfloat16, 2e-2, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter bf16 dot"))
+from kernel_params import DEVICE, BF16  # noqa: E402
 
 
 def _case(q_lens, kv_lens, hq, hkv, d, dtype, seed=0):
