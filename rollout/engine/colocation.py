@@ -32,6 +32,8 @@ class ColocatedMemory:
         self.released = False
         self.weights_on_host = False
         self._kv_shape: tuple[int, ...] | None = None
+        # pinned host buffers, kept across cycles: pinning gigabytes costs more than the copy itself
+        self._host: dict[str, torch.Tensor] = {}
 
     def check_resident(self) -> None:
         if self.released:
@@ -52,8 +54,7 @@ class ColocatedMemory:
         self._kv_shape = tuple(kv.k.shape)
         kv.k = kv.v = torch.empty(0, dtype=kv.k.dtype, device=kv.k.device)
         if weights:
-            pin = engine.device.type == "cuda"
-            map_tensors(engine.model.weights, lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t))
+            map_tensors(engine.model.weights, lambda key, t: self._host_copy(key, t, pin=engine.device.type == "cuda"))
         self.weights_on_host = weights
         self.released = True
         if engine.device.type == "cuda":
@@ -65,7 +66,7 @@ class ColocatedMemory:
             raise ValueError("resume_memory() without release_memory(): the engine's memory is in place")
         device = engine.device
         if self.weights_on_host:
-            map_tensors(engine.model.weights, lambda t: t.to(device, non_blocking=True, copy=True))
+            map_tensors(engine.model.weights, lambda key, t: t.to(device, non_blocking=True, copy=True))
         kv, shape = engine.kv, self._kv_shape
         kv.k = torch.zeros(shape, dtype=kv.k.dtype, device=device)
         kv.v = torch.zeros(shape, dtype=kv.v.dtype, device=device)
@@ -73,3 +74,9 @@ class ColocatedMemory:
             torch.cuda.synchronize(device)  # the pinned host copies may be dropped only once uploaded
         engine.graphs = engine._make_graphs()
         self.released = self.weights_on_host = False
+
+    def _host_copy(self, key: str, t: torch.Tensor, pin: bool) -> torch.Tensor:
+        host = self._host.get(key)
+        if host is None or host.shape != t.shape or host.dtype != t.dtype:
+            host = self._host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        return host.copy_(t)

@@ -133,6 +133,11 @@ class Engine:
         self._requests[rid].abort_requested = True
         self._aborting.add(rid)
 
+    def take_finished(self) -> list[tuple[int, Rollout]]:
+        """Requests that finished outside ``step()`` (drained by ``update_weights``), handed out once."""
+        finished, self._undelivered = self._undelivered, []
+        return finished
+
     def step(self) -> list[tuple[int, Rollout]]:
         """One loop iteration; returns the requests that finished in it."""
         finished, self._undelivered = self._undelivered, []

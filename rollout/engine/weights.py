@@ -240,6 +240,22 @@ class WeightLayout:
         covered = {part for slot in written for part in slot.parts}
         return next((name for part, name in self._part_name.items() if part not in covered), None)
 
+    def to_checkpoint(self, writes: Iterable[Write]) -> dict[str, torch.Tensor]:
+        """The checked tensors under checkpoint names (one per expert), what other engines' loaders read.
+
+        A fused or aliased name covers whole engine tensors, so its checkpoint parts are views of it.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for w in writes:
+            names = list(dict.fromkeys(self._part_name[part] for part in w.slot.parts))
+            if names == [w.name]:
+                out[w.name] = w.tensor
+                continue
+            assert w.slot.index == _ALL, f"{w.name}: only whole-tensor names have another spelling"
+            for name in names:
+                out[name] = w.tensor[self.slots[name].index]
+        return out
+
     # ------------------------------------------------------------- writing
     @staticmethod
     def apply(writes: Iterable[Write], tensors: Mapping[str, torch.Tensor]) -> None:
@@ -262,17 +278,17 @@ def engine_tensors(weights: ModelWeights) -> dict[str, torch.Tensor]:
     return out
 
 
-def map_tensors(weights: ModelWeights, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Replace every engine tensor by ``fn(tensor)`` (e.g. a host copy), keeping tied ones tied."""
+def map_tensors(weights: ModelWeights, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Replace every engine tensor by ``fn(target key, tensor)`` (e.g. a host copy), keeping tied ones tied."""
     tied = weights.lm_head is weights.embed
-    weights.embed = fn(weights.embed)
-    weights.final_norm = fn(weights.final_norm)
-    weights.lm_head = weights.embed if tied else fn(weights.lm_head)
-    for layer in weights.layers:
+    weights.embed = fn("embed", weights.embed)
+    weights.final_norm = fn("final_norm", weights.final_norm)
+    weights.lm_head = weights.embed if tied else fn("lm_head", weights.lm_head)
+    for i, layer in enumerate(weights.layers):
         for f in fields(LayerWeights):
             value = getattr(layer, f.name)
             if value is not None:
-                setattr(layer, f.name, fn(value))
+                setattr(layer, f.name, fn(f"layers.{i}.{f.name}", value))
 
 
 def weight_bytes(weights: ModelWeights) -> int:

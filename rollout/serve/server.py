@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
 from rollout.moe_spec import MoESpec, read_config
+from rollout.serve import control
 from rollout.serve.engine_loop import EngineLoop, StepEngine
 from rollout.sglang.protocol import (
     DEFAULT_WEIGHT_VERSION,
@@ -86,7 +87,9 @@ class R3Server:
             self.httpd = _QuietHTTPServer((host, port), _make_handler(self))
         except OSError as exc:
             raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self.engine = engine
         self.loop = EngineLoop(engine)
+        self.control = control.EngineControl(self.loop, timeout=request_timeout)  # SGLang's weight/memory verbs
 
     @property
     def port(self) -> int:
@@ -154,7 +157,7 @@ class R3Server:
                     return
                 if event is None:
                     break
-                yield HTTPStatus.OK, build_partial_reply(item, *event)
+                yield HTTPStatus.OK, build_partial_reply(item, *event, weight_version=self.weight_version)
         finally:  # timed out, or the client hung up mid-stream (the handler closes this generator)
             if not future.done():
                 self.loop.cancel(future)
@@ -166,14 +169,20 @@ class R3Server:
         latency = time.perf_counter() - started
         yield HTTPStatus.OK, build_reply(item, rollout, self.spec, capture=self.capture, e2e_latency=latency)
 
+    @property
+    def weight_version(self) -> str:
+        """The engine's weight version as SGLang spells it (a string; "default" before any update)."""
+        version = getattr(self.engine, "weight_version", None)
+        return DEFAULT_WEIGHT_VERSION if version is None else str(version)
+
     def model_info(self) -> dict[str, Any]:
-        """SGLang's ``/get_model_info`` keys, plus what r3 adds (``sglang_wire_version``, ``capture``)."""
+        """SGLang's ``/model_info`` keys, plus what r3 adds (``sglang_wire_version``, ``capture``)."""
         return {
             "model_path": self.model_path,
             "tokenizer_path": None,
             "is_generation": True,
             "preferred_sampling_params": None,
-            "weight_version": DEFAULT_WEIGHT_VERSION,
+            "weight_version": self.weight_version,
             "has_image_understanding": False,
             "has_audio_understanding": False,
             "model_type": self.spec.model_type,
@@ -218,14 +227,16 @@ def _make_handler(server: R3Server) -> type[BaseHTTPRequestHandler]:
                     self._json(HTTPStatus.SERVICE_UNAVAILABLE, error_body("the engine loop has stopped"))
             elif not self._authorized():
                 return
-            elif path == "/get_model_info":
+            elif path in ("/model_info", "/get_model_info"):  # 0.5.17's name, and the one it deprecates
                 self._json(HTTPStatus.OK, server.model_info())
+            elif ("GET", path) in control.ROUTES:
+                self._control("GET", path, None)
             else:
                 self._json(HTTPStatus.NOT_FOUND, error_body(f"no such endpoint: GET {path}"))
 
         def do_POST(self) -> None:
             path = self.path.split("?", 1)[0]
-            if path != "/generate":
+            if path != "/generate" and ("POST", path) not in control.ROUTES:
                 self.close_connection = True
                 self._json(HTTPStatus.NOT_FOUND, error_body(f"no such endpoint: POST {path}"))
                 return
@@ -233,6 +244,14 @@ def _make_handler(server: R3Server) -> type[BaseHTTPRequestHandler]:
                 return
             body = self._read_body()
             if body is None:
+                return
+            if path != "/generate":
+                try:
+                    parsed_control = json.loads(body) if body.strip() else None
+                except (UnicodeDecodeError, ValueError) as exc:
+                    self._json(HTTPStatus.BAD_REQUEST, error_body(f"request body is not valid JSON: {exc}"))
+                    return
+                self._control("POST", path, parsed_control)
                 return
             try:
                 parsed = json.loads(body)
@@ -253,6 +272,18 @@ def _make_handler(server: R3Server) -> type[BaseHTTPRequestHandler]:
                 self._json(HTTPStatus.INTERNAL_SERVER_ERROR, error_body(str(exc)))
 
         # ------------------------------------------------------------ helpers
+        def _control(self, method: str, path: str, body: Any) -> None:
+            """A weight/cache/memory command (rollout/serve/control.py); text replies go as text/plain."""
+            try:
+                status, payload = control.handle(server.control, method, path, body)
+            except Exception as exc:  # the engine broke while running the command
+                self._json(HTTPStatus.SERVICE_UNAVAILABLE, error_body(f"engine failed: {exc!r}"))
+                return
+            if isinstance(payload, str):
+                self._send(status, payload.encode("utf-8"), "text/plain")
+            else:
+                self._json(status, payload)
+
         def _authorized(self) -> bool:
             if not server.api_key:
                 return True
