@@ -9,6 +9,10 @@
 # Stages: deps env checkpoint roofline kernels throughput (default), gpu_tests, replay, sglang, suite (the whole pytest
 # suite), eager (built-in engine, routes on/overlap on, torch attention, no CUDA graphs), graphs_off (the same with paged
 # Triton attention). throughput runs the built-in engine with attention_backend=triton and cuda_graph=true.
+# Issue 12 (RL): weights (update_weights vs a fresh engine, CUDA graphs included), colocate (release/resume/update
+# timings on $MODEL), train (r3 train recipes/bench-grpo-gpu.yaml on $MODEL, outputs in $OUT/train), sglang_weights
+# (the SGLang backend's weight/cache/memory verbs against real SGLang; needs /tmp/sglang-site unpacked):
+#   bash bench/gpu_suite.sh deps checkpoint weights colocate train
 # Stage i logs to $OUT/<i>-<stage>.log (JSON results alike) and its wall time to $OUT/summary.txt; a failed stage
 # never stops the next.
 # The whole call stops starting stages once SUITE_BUDGET seconds (default 540) have passed, and caps each stage's
@@ -122,6 +126,19 @@ stage_sglang() {
   python -m bench.rollout_throughput --model "$MODEL" --engines builtin --modes on/on,off/on --sglang \
     $FAST_OPTIONS \
     --sglang-site "$SGLANG_SITE" --json "$OUT/$STAGE_ID-throughput_sglang.json" ${THROUGHPUT_ARGS:-}
+}
+
+stage_weights() { python -m bench.weight_update_check --out "$OUT"; }
+
+stage_colocate() { python -m bench.colocate --model "$MODEL" --out "$OUT"; }
+
+stage_train() {
+  python -m recipes.cli train recipes/bench-grpo-gpu.yaml --set model.name="$MODEL" --out "$OUT/train" --no-progress
+}
+
+stage_sglang_weights() {
+  if [ ! -d "$SGLANG_SITE/sglang" ]; then echo "no SGLang at $SGLANG_SITE (see ../shared/tools/sglang-on-gpu): skipped"; return 1; fi
+  python -m bench.sglang_weights_check --sglang-site "$SGLANG_SITE" --out "$OUT"
 }
 
 run_stage() {

@@ -186,8 +186,11 @@ class _Timer:
 
 
 def train_arm(arm: str, worker: Any, model: Any, initial: dict[str, torch.Tensor], task: ResidueTask,
-              recipe: Recipe, spec: MoESpec, progress: bool) -> list[dict[str, Any]]:
-    """Every step of one arm, from the ``initial`` weights in both the trainer and the engine."""
+              recipe: Recipe, spec: MoESpec, progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every step of one arm, from the ``initial`` weights in both the trainer and the engine.
+
+    Without progress bars each step is logged as one line, so a run cut short still shows what it measured.
+    """
     from tqdm import tqdm
 
     from trainer_bridge.metrics import logprob_mismatch, routing_agreement
@@ -238,6 +241,11 @@ def train_arm(arm: str, worker: Any, model: Any, initial: dict[str, torch.Tensor
             **{f"time_{k}": v for k, v in timer.seconds.items()},
         })
         bar.set_postfix(reward=f"{records[-1]['reward']:.3f}", k3=f"{mismatch['k3_kl']:.2e}")
+        if not progress:
+            r = records[-1]
+            log(f"{ARM_LABELS[arm]} step {step}: reward {r['reward']:.3f} k3 {r['k3_kl']:.2e} agreement "
+                f"{r['routing_agreement']:.4%} | s: rollout {r['time_rollout']:.2f} trainer {r['time_trainer']:.2f} "
+                f"sync {r['time_weight_sync']:.3f} memory {r['time_memory']:.3f} | {r['rollout_tokens_per_second']:.0f} tok/s")
     del optimizer  # its state is as large as the weights twice over: gone before the next arm's
     gc.collect()
     if device.type == "cuda":
@@ -276,7 +284,7 @@ def run_training(recipe: Recipe, progress: bool = True, log: Callable[[str], Non
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, tr.dtype)).to(tr.device).train()
             initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             for arm in recipe.train.arms:
-                records += train_arm(arm, worker, model, initial, task, recipe, spec, progress=progress)
+                records += train_arm(arm, worker, model, initial, task, recipe, spec, progress, log)
         summary = summarize(records, recipe.train.arms, run={
             "model": str(model_dir), "recipe": to_dict(recipe), "seconds": time.perf_counter() - started,
         })

@@ -41,6 +41,11 @@ def served(models):
     server.shutdown()
 
 
+def _one_by_one(backend, sampling=GREEDY):
+    """Requests sent together batch as they arrive, and batch shape moves the last bits: compare batches of one."""
+    return [backend.generate([p], sampling)[0] for p in PROMPTS]
+
+
 def _state_dict(path):
     from transformers import AutoModelForCausalLM
 
@@ -57,21 +62,22 @@ def _same(got, want):
 def test_update_from_trainer_tensors_and_from_disk_equal_a_fresh_engine(served, models):
     engine, server, backend = served
     assert backend.weight_version == "0"
-    before = backend.generate(PROMPTS, GREEDY)  # fills the server's prefix cache with old KV and routes
+    before = _one_by_one(backend)  # fills the server's prefix cache with old KV and routes
     backend.update_weights(_state_dict(models[1]), version=1)  # fused trainer names, staged as checkpoint names
     assert backend.weight_version == "1" and engine.weight_version == "1"
-    fresh = Engine(models[1], dtype="float32", **SMALL).generate(PROMPTS, GREEDY)
-    got = backend.generate(PROMPTS, GREEDY)
+    reference = Engine(models[1], dtype="float32", **SMALL)
+    fresh = [reference.generate([p], GREEDY)[0] for p in PROMPTS]
+    got = _one_by_one(backend)
     _same(got, fresh)
     assert all(r.weight_version == "1" for r in got) and all(r.weight_version == "0" for r in before)
     backend.update_weights_from_disk(models[0], version="back")
-    _same(backend.generate(PROMPTS, GREEDY), before)  # the old weights again, through the cache flush
+    _same(_one_by_one(backend), before)  # the old weights again, through the cache flush
     assert backend.weight_version == "back"
 
 
 def test_a_bad_update_is_refused_and_the_server_keeps_serving(served, models, tmp_path):
     engine, server, backend = served
-    before = backend.generate(PROMPTS, GREEDY)
+    before = _one_by_one(backend)
     weights = _state_dict(models[1])
     weights["model.norm.weight"] = weights["model.norm.weight"][:-1]
     with pytest.raises(ValueError, match=r"model.norm.weight: shape \[63\] does not match the model's \[64\]"):
@@ -87,7 +93,7 @@ def test_a_bad_update_is_refused_and_the_server_keeps_serving(served, models, tm
     with pytest.raises(ValueError, match="in_flight='continue' is refused for SGLang"):
         backend.update_weights(_state_dict(models[1]), version=1, in_flight="continue")
     assert backend.weight_version == "0"
-    _same(backend.generate(PROMPTS, GREEDY), before)
+    _same(_one_by_one(backend), before)
     client = HTTPClient(server.url)
     with pytest.raises(ValueError, match="HTTP 400: r3 serve does not accept serialized tensors"):
         client.post_json("/update_weights_from_tensor", {"serialized_named_tensors": ["AAAA"]})
@@ -128,7 +134,7 @@ def test_pause_then_update_continues_requests_on_the_new_weights(served, models)
 
 def test_release_refuses_generation_until_resume(served):
     engine, server, backend = served
-    before = backend.generate(PROMPTS, GREEDY)
+    before = _one_by_one(backend)
     backend.release_memory(weights=True)
     assert engine.kv.k.numel() == 0
     with pytest.raises(ValueError, match="memory is released"):
@@ -136,7 +142,7 @@ def test_release_refuses_generation_until_resume(served):
     with pytest.raises(ValueError, match="already released"):
         backend.release_memory()
     backend.resume_memory()
-    _same(backend.generate(PROMPTS, GREEDY), before)
+    _same(_one_by_one(backend), before)
 
 
 def test_pause_in_abort_mode_aborts_what_runs(served):
