@@ -9,7 +9,8 @@ One step of one arm, in the order the data flows:
 3. **old-logprob pass** (no grad): the transformers trainer scores the rollouts under the arm's
    routing: native, R3 (replay the rollout's routes) or R2 (record the trainer's own routes).
    The rollout-vs-trainer mismatch and the routing agreement are measured here, on the
-   weights that sampled the rollouts;
+   weights that sampled the rollouts; replay arms also score the same rollouts with native
+   routing, a paired baseline that the arms' diverging training cannot move;
 4. **update**: ``train.mini_batches`` optimizer steps of the clipped policy gradient with the
    rollout logprobs as the behaviour policy; R3 replays the rollout's routes, R2 the routes
    recorded in 3, native routes freely;
@@ -219,6 +220,9 @@ def train_arm(arm: str, worker: Any, model: Any, initial: dict[str, torch.Tensor
             batch = make_batch(rollouts, scores, cfg.group_size, spec, device)
             trainer_logp, seen, recorded = old_logprob_pass(model, batch, arm, tr.micro_batch_size, tr.guard,
                                                             len(spec.moe_layers))
+            # the same rollouts scored with native routing: a paired baseline that training divergence cannot move
+            native_logp = trainer_logp if arm == "off" else old_logprob_pass(
+                model, batch, "off", tr.micro_batch_size, tr.guard, len(spec.moe_layers))[0]
             stats = update(model, optimizer, batch, arm, recorded, recipe)
         with timer("weight_sync"):
             worker.update_weights(model.state_dict(), version=step + 1)
@@ -227,13 +231,15 @@ def train_arm(arm: str, worker: Any, model: Any, initial: dict[str, torch.Tensor
                 worker.resume_memory()
         mask = batch.mask.cpu()
         mismatch = logprob_mismatch(batch.rollout_logp.cpu(), trainer_logp.cpu(), mask)
+        native_mismatch = logprob_mismatch(batch.rollout_logp.cpu(), native_logp.cpu(), mask)
         agreement = routing_agreement(seen.cpu(), batch.routes, batch.attention_mask.cpu())
         generated = sum(len(r.output_ids) for r in rollouts)
         records.append({
             "arm": arm, "label": ARM_LABELS[arm], "step": step,
             "weight_version": rollouts[0].weight_version,
             "reward": float(scores.mean()), "reward_std": float(scores.std()),
-            "k3_kl": mismatch["k3_kl"], "mean_abs_logprob_diff": mismatch["mean_abs"],
+            "k3_kl": mismatch["k3_kl"], "k3_kl_native_same_rollouts": native_mismatch["k3_kl"],
+            "mean_abs_logprob_diff": mismatch["mean_abs"],
             "max_abs_logprob_diff": mismatch["max_abs"], "ratio_outside": mismatch["ratio_outside"],
             "routing_agreement": float(agreement.mean()), **stats,
             "sequences": len(rollouts), "generated_tokens": generated,

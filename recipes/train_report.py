@@ -67,6 +67,9 @@ def summarize(records: Sequence[dict[str, Any]], arms: Sequence[str], run: dict[
         below = [b["k3_kl"] < a["k3_kl"] for a, b in zip(native, r3)]
         checks["r3_k3_kl_below_native"] = {"steps": sum(below), "of": len(below), "every_step": all(below)}
     if "r3" in per_arm:
+        paired = [r["k3_kl"] < r["k3_kl_native_same_rollouts"] for r in _by_arm(records, "r3")]
+        checks["r3_k3_kl_below_native_on_its_own_rollouts"] = {"steps": sum(paired), "of": len(paired),
+                                                              "every_step": all(paired)}
         agreement = [r["routing_agreement"] for r in _by_arm(records, "r3")]
         checks["r3_routing_agreement_100"] = {"steps": sum(a == 1.0 for a in agreement), "of": len(agreement),
                                                "every_step": all(a == 1.0 for a in agreement)}
@@ -126,7 +129,8 @@ def markdown(summary: dict[str, Any], records: Sequence[dict[str, Any]]) -> str:
         "the old-logprob pass, so it removes drift between the trainer's own passes, not the rollout/trainer "
         "mismatch; *R3* replays the rollout's routes. *Replay overlap in updates*: share of the replayed "
         "top-k that the trainer's own router would pick in the update passes (lowest layer and micro-batch): "
-        "how far the router moved after an optimizer step.",
+        "how far the router moved after an optimizer step. The checks compare R3 with the native arm at each "
+        "step (two policies once training diverges) and, paired, R3 with native routing on R3's own rollouts.",
         "",
         "## Per step",
         "",

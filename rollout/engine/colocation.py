@@ -36,10 +36,13 @@ class ColocatedMemory:
         self._host: dict[str, torch.Tensor] = {}
 
     def check_resident(self) -> None:
+        """Refuse work while the memory is lent out (the engine's own checks refuse a closed engine first)."""
         if self.released:
             raise ValueError("the engine's memory is released (release_memory()): call resume_memory() first")
 
     def release(self, engine: "Engine", weights: bool) -> None:
+        if engine._closed:
+            raise ValueError("the engine is closed")
         if not isinstance(weights, bool):
             raise ValueError(f"weights must be True or False, got {weights!r}")
         self.check_resident()
@@ -62,6 +65,8 @@ class ColocatedMemory:
             torch.cuda.empty_cache()  # hand the blocks back, so another process (or allocator pool) can use them
 
     def resume(self, engine: "Engine") -> None:
+        if engine._closed:
+            raise ValueError("the engine is closed")
         if not self.released:
             raise ValueError("resume_memory() without release_memory(): the engine's memory is in place")
         device = engine.device

@@ -251,6 +251,8 @@ class Engine:
 
     def flush_cache(self) -> None:
         """Forget every cached prefix (KV and routes); refused while requests hold KV."""
+        if self._closed:
+            raise ValueError("the engine is closed")
         self._memory.check_resident()
         self._undelivered += self._drain()
         flush_caches(self)

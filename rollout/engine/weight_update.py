@@ -75,6 +75,8 @@ class WeightSync:
         return self._layout
 
     def update(self, engine: "Engine", weights: object, version: object, in_flight: str) -> None:
+        if engine._closed:
+            raise ValueError("the engine is closed")
         version = check_version(version)
         if in_flight not in IN_FLIGHT_MODES:
             raise ValueError(f"in_flight must be one of {IN_FLIGHT_MODES}, got {in_flight!r}")

@@ -46,6 +46,8 @@ def test_every_step_is_measured_and_synced(trained):
     native, r3 = records[:2], records[2:]
     assert native[0]["reward"] == r3[0]["reward"]  # both arms start from the same weights and seeds
     assert all(r["routing_agreement"] == 1.0 for r in r3)  # ids observed at the experts, not from replay's code
+    assert all(r["k3_kl_native_same_rollouts"] == r["k3_kl"] for r in native)
+    assert all(r["k3_kl"] < r["k3_kl_native_same_rollouts"] for r in r3)  # paired: replay lowers the mismatch
     assert all(r["routing_agreement"] < 1.0 for r in native)  # bf16 engine vs fp32 trainer: near-ties flip
     assert all(r["replay_overlap_min"] is None for r in native) and all(r["replay_overlap_min"] > 0 for r in r3)
     assert summary["checks"]["r3_routing_agreement_100"] == {"steps": 2, "of": 2, "every_step": True}
