@@ -16,6 +16,11 @@
 #               and the engine options that avoid a failed kernel to $STATE/fallbacks.json
 #   profile     per-kernel times of one decode step at batch 256 and 512 (torch.profiler), beside the step's floor
 #   throughput  the four workloads: built-in engine (routes on/off, overlap on/off) beside SGLang (routes on/off)
+#   replay      trainer replay overhead against native routing (bench/replay_overhead.py, issue 11)
+#   weights     update_weights against a fresh engine on the same weights, CUDA graphs included (issue 12)
+#   colocate    release/resume/update timings on $MODEL (issue 12)
+#   train       r3 train recipes/bench-grpo-gpu.yaml on $MODEL, outputs in $OUT/train (issue 12)
+#   sglang_weights  the SGLang backend's weight/cache/memory verbs against real SGLang (issue 12; needs SGLang)
 #
 # Time: the call stops starting stages once SUITE_BUDGET seconds (default 520) have passed, caps each stage by what
 # is left, and hands the Python stages their own budget so they stop early and still write their JSON. Each stage's
@@ -108,6 +113,23 @@ stage_throughput() {
   # shellcheck disable=SC2046,SC2086
   python3 -m bench.rollout_throughput --model "$MODEL" $sglang --budget-s $(( $(left) - 20 )) $(fallback_flags) \
     --json "$OUT/throughput.json" ${THROUGHPUT_ARGS:-}
+}
+
+stage_replay() {
+  python3 -m bench.replay_overhead ${REPLAY_ARGS:---device cuda --preset bench-qwen3-moe --batch 4 --seq 2048}
+}
+
+stage_weights() { python3 -m bench.weight_update_check --out "$OUT"; }
+
+stage_colocate() { python3 -m bench.colocate --model "$MODEL" --out "$OUT"; }
+
+stage_train() {
+  python3 -m recipes.cli train recipes/bench-grpo-gpu.yaml --set model.name="$MODEL" --out "$OUT/train" --no-progress
+}
+
+stage_sglang_weights() {
+  if [ ! -f "$SGLANG_SITE/sglang/__init__.py" ]; then echo "no SGLang at $SGLANG_SITE: skipped"; return 1; fi
+  python3 -m bench.sglang_weights_check --sglang-site "$SGLANG_SITE" --out "$OUT"
 }
 
 run_stage() {

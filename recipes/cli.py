@@ -11,6 +11,7 @@ COMMANDS = {
     "init-model": ("recipes.commands.init_model", "write a random-weight HF checkpoint from a preset"),
     "rollout": ("recipes.commands.rollout", "generate rollouts with routed experts into a rollout file"),
     "run": ("recipes.commands.run", "run a recipe: rollout, trainer replay, consistency report"),
+    "train": ("recipes.commands.train", "GRPO on a verifiable token task: native, R2 and R3 arms over training steps"),
     "inspect": ("recipes.commands.inspect", "summarise a rollout file"),
     "serve": ("recipes.commands.serve", "serve the built-in engine over SGLang's /generate protocol"),
 }

@@ -27,6 +27,8 @@ GUARD_MODES = ("off", "warn", "raise")
 INIT_MODES = ("preset", "unit-scale")
 ENGINES = ("builtin",)  # engine="sglang" needs a server URL: not runnable from a recipe yet
 PROMPT_SOURCES = ("synthetic", "jsonl")
+TRAIN_ARMS = REPLAY_MODES  # r3 train: one arm per routing mode ("off" = native routing)
+TRAIN_TASKS = ("residue",)  # recipes/tasks.py
 DEVICE_PATTERN = r"cpu|cuda(:[0-9]+)?"
 # Recipes that ship inside the package, found by name: `r3 run tiny-moe`.
 PACKAGED_RECIPES = Path(__file__).resolve().parent
@@ -104,6 +106,22 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _key(40, minimum=1)
+    group_size: int = _key(8, minimum=2)
+    arms: list[str] = _key(factory=lambda: list(TRAIN_ARMS), choices=TRAIN_ARMS)
+    task: str = _key("residue", choices=TRAIN_TASKS)
+    modulus: int = _key(4, minimum=2)
+    learning_rate: float = _key(0.003, minimum=0)
+    mini_batches: int = _key(2, minimum=1)
+    clip_ratio: float = _key(0.2, minimum=0)
+    clip_ratio_c: float = _key(3.0, minimum=1)
+    max_grad_norm: float = _key(1.0, minimum=0)
+    release_memory: bool = _key(False)
+    offload_weights: bool = _key(False)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = _key("runs/r3")
 
@@ -114,6 +132,7 @@ class Recipe:
     rollout: RolloutConfig = _key(factory=RolloutConfig)
     trainer: TrainerConfig = _key(factory=TrainerConfig)
     output: OutputConfig = _key(factory=OutputConfig)
+    train: TrainConfig = _key(factory=TrainConfig)
 
 
 # ------------------------------------------------------------------- parsing
@@ -195,7 +214,15 @@ def parse_recipe(raw: Mapping[str, Any]) -> Recipe:
     recipe = _parse(Recipe, raw, "")
     _check_model(recipe.model)
     sampling_params(recipe.rollout.sampling)
+    _check_train(recipe.train)
     return recipe
+
+
+def _check_train(train: TrainConfig) -> None:
+    if not train.arms or len(set(train.arms)) != len(train.arms):
+        raise ValueError(f"train.arms: expected distinct routing modes ({', '.join(TRAIN_ARMS)}), got {train.arms!r}")
+    if train.offload_weights and not train.release_memory:
+        raise ValueError("train.offload_weights: needs train.release_memory: true")
 
 
 def sampling_params(sampling: SamplingConfig) -> Any:
@@ -256,12 +283,14 @@ def _value(hint: Any, value: Any, key: str, meta: Mapping[str, Any]) -> Any:
         if not isinstance(value, str):
             raise RecipeError(key, f"expected a string, got {_show(value)}")
     elif typing.get_origin(hint) is list:
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-            raise RecipeError(key, f"expected a list of integers, got {_show(value)}")
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, item) for v in value):
+            raise RecipeError(key, f"expected a list of {'integers' if item is int else 'strings'}, got {_show(value)}")
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"{key}: unsupported schema type {hint}")
-    if meta.get("choices") and value not in meta["choices"]:
-        raise RecipeError(key, f"expected one of {', '.join(meta['choices'])}, got {_show(value)}")
+    for v in value if isinstance(value, list) else [value]:
+        if meta.get("choices") and v not in meta["choices"]:
+            raise RecipeError(key, f"expected one of {', '.join(meta['choices'])}, got {_show(v)}")
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
         raise RecipeError(key, f"expected {meta['pattern']}, got {_show(value)}")
     if meta.get("minimum") is not None and value < meta["minimum"]:

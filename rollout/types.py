@@ -91,7 +91,13 @@ class SamplingParams:
 
 @dataclass
 class Rollout:
-    """One finished sequence. ``routed_experts`` covers ``prompt + output - 1`` tokens from ``routed_experts.start``."""
+    """One finished sequence. ``routed_experts`` covers ``prompt + output - 1`` tokens from ``routed_experts.start``.
+
+    ``weight_version`` is the version of the weights that sampled it (``Engine.update_weights``;
+    SGLang's ``meta_info.weight_version``); a rollout that continued across an update carries the
+    newest, and ``output_weight_versions`` the version that sampled each output token. ``None``:
+    the engine did not say.
+    """
 
     prompt_ids: list[int]
     output_ids: list[int]
@@ -99,6 +105,8 @@ class Rollout:
     finish_reason: str
     routed_experts: RoutedExperts | None = None
     meta: dict = field(default_factory=dict)
+    weight_version: int | str | None = None
+    output_weight_versions: list[int | str] | None = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -77,6 +77,33 @@ class RolloutWorker:
             )
         return self._backend.generate(list(prompts), sampling, start_len)
 
+    # RL verbs: the same on both engines (SGLang through its own endpoints, rollout/sglang/weights.py)
+    @property
+    def weight_version(self) -> int | str:
+        """The version of the weights the engine now samples with."""
+        return self._backend.weight_version
+
+    def update_weights(self, weights: Any, version: int | str, *, in_flight: str = "finish") -> None:
+        """New weights in place: ``weights`` maps transformers parameter names to tensors (any subset).
+
+        Every tensor is checked before any is written; a bad one raises ``ValueError`` and the
+        engine is unchanged. ``in_flight``: ``"finish"`` unfinished requests on the old weights
+        first, ``"abort"`` them, or (built-in engine only) ``"continue"`` them with per-token
+        versions in ``Rollout.output_weight_versions``. Caches filled by old weights are flushed.
+        """
+        self._backend.update_weights(weights, version, in_flight=in_flight)
+
+    def flush_cache(self) -> None:
+        """Forget every cached prefix (KV and routes)."""
+        self._backend.flush_cache()
+
+    def release_memory(self, weights: bool = False) -> None:
+        """Free the KV cache (and with ``weights=True`` the weights) for a colocated trainer."""
+        self._backend.release_memory(weights=weights)
+
+    def resume_memory(self) -> None:
+        self._backend.resume_memory()
+
     def close(self) -> None:
         close = getattr(self._backend, "close", None)
         if close is not None:

@@ -31,6 +31,7 @@ import torch
 
 from rollout.engine import batch as batch_mod
 from rollout.engine.capture import RouteCapture, RoutedExpertsOutput
+from rollout.engine.colocation import ColocatedMemory
 from rollout.engine.config import EngineConfig, checkpoint_dtype
 from rollout.engine.cuda_graph import DecodeGraphs
 from rollout.engine.kvcache import KVPool, PrefixCache, RequestTable, SlotAllocator
@@ -39,6 +40,7 @@ from rollout.engine.memory import size_from_memory
 from rollout.engine.models.model import Kernels, MoEModel
 from rollout.engine.sampler import sample
 from rollout.engine.scheduler import BLOCKED, Batch, Request, Scheduler
+from rollout.engine.weight_update import Version, WeightSync, flush_caches
 from rollout.moe_spec import MoESpec, read_config
 from rollout.routed_experts import RoutedExperts
 from rollout.types import ERROR_META_KEY, FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
@@ -82,15 +84,7 @@ class Engine:
         self.scheduler = Scheduler(self.slots, self.table, prefix_cache, self.config.max_batch_tokens, self._snapshot_routes)
         # next-token ids by request-table row: step N writes them, step N+1 reads them, all on the device
         self.future_tokens = torch.zeros(self.config.max_running_requests + 1, dtype=torch.int64, device=self.device)
-        self.graphs = (
-            DecodeGraphs(
-                self.model, self.kv, self.table.req_to_slot, self.table.pad_row, self.future_tokens,
-                self.capture.record if self.capture is not None else None,
-                min(self.config.max_running_requests, self.config.max_batch_tokens),
-            )
-            if self.config.cuda_graph
-            else None
-        )
+        self.graphs = self._make_graphs()
         self._requests: dict[int, Request] = {}
         self._next_rid = 0
         self._aborting: set[int] = set()
@@ -99,6 +93,17 @@ class Engine:
         self._closed = False
         self._seed_rng = random.Random()
         self._torch_attention = "torch" in (self.config.attention_backend, self.config.prefill_attention_backend)
+        self._weights = WeightSync()  # weight version, per-request token versions (rollout/engine/weight_update.py)
+        self._memory = ColocatedMemory()  # release/resume for a colocated trainer (rollout/engine/colocation.py)
+
+    def _make_graphs(self) -> DecodeGraphs | None:
+        if not self.config.cuda_graph:
+            return None
+        return DecodeGraphs(
+            self.model, self.kv, self.table.req_to_slot, self.table.pad_row, self.future_tokens,
+            self.capture.record if self.capture is not None else None,
+            min(self.config.max_running_requests, self.config.max_batch_tokens),
+        )
 
     # ------------------------------------------------------------------ API
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams, start_len: int = 0) -> int:
@@ -121,6 +126,7 @@ class Engine:
         budget = min(sampling.max_new_tokens, self.max_context - len(prompt))
         req = Request(rid=rid, prompt_ids=prompt, sampling=sampling, start_len=start_len, seed=seed, output_budget=budget)
         self._requests[rid] = req
+        self._weights.start(rid)
         self.scheduler.add(req)
         return rid
 
@@ -138,6 +144,11 @@ class Engine:
             raise ValueError(f"no unfinished request with id {rid}")
         self._requests[rid].abort_requested = True
         self._aborting.add(rid)
+
+    def take_finished(self) -> list[tuple[int, Rollout]]:
+        """Requests that finished outside ``step()`` (drained by ``update_weights``), handed out once."""
+        finished, self._undelivered = self._undelivered, []
+        return finished
 
     def step(self) -> list[tuple[int, Rollout]]:
         """One loop iteration; returns the requests that finished in it."""
@@ -239,6 +250,40 @@ class Engine:
             self.slots.free(slots)
             self.table.free(row)
 
+    # ------------------------------------------------------------ RL verbs
+    @property
+    def weight_version(self) -> Version:
+        """The version of the weights now in the engine (0 until the first ``update_weights``)."""
+        return self._weights.version
+
+    def update_weights(self, weights: object, version: Version, *, in_flight: str = "finish") -> None:
+        """Copy ``weights`` (transformers names -> tensors; a mapping or ``(name, tensor)`` pairs, any
+        subset) into the engine in place, then flush every cache the old weights filled.
+
+        Everything is checked before anything is written: a bad name, shape, dtype or value
+        raises ``ValueError`` and the engine is unchanged. ``in_flight`` says what happens to
+        unfinished requests: ``"finish"`` them on the old weights first (default), ``"abort"``
+        them, or ``"continue"`` them on the new weights with per-token versions
+        (``rollout/engine/weight_update.py``). Works while the memory is released.
+        """
+        self._weights.update(self, weights, version, in_flight)
+
+    def flush_cache(self) -> None:
+        """Forget every cached prefix (KV and routes); refused while requests hold KV."""
+        if self._closed:
+            raise ValueError("the engine is closed")
+        self._memory.check_resident()
+        self._undelivered += self._drain()
+        flush_caches(self)
+
+    def release_memory(self, weights: bool = False) -> None:
+        """Free the KV pool (and with ``weights=True`` move the weights to pinned host memory) for a colocated
+        trainer; needs an idle engine. ``resume_memory()`` brings everything back (``rollout/engine/colocation.py``)."""
+        self._memory.release(self, weights)
+
+    def resume_memory(self) -> None:
+        self._memory.resume(self)
+
     # ------------------------------------------------------------- the step
     def _launch_or_fail(self, batch: Batch) -> _Launched | None:
         """``_launch``; if it raises, no request of the batch can be blamed alone, so each fails with the error."""
@@ -314,12 +359,14 @@ class Engine:
         routes = self._routes_of(r) if self.capture is not None and r.error is None else None
         self.scheduler.finish(r, reason)
         del self._requests[r.rid]
+        version, token_versions = self._weights.finish(r.rid, len(r.output_ids))
         meta = {"prefix_hit_tokens": r.prefix_hit_tokens, "preemptions": r.num_preemptions, "seed": r.seed}
         if r.error is not None:
             meta[ERROR_META_KEY] = r.error
         rollout = Rollout(
             prompt_ids=list(r.prompt_ids), output_ids=list(r.output_ids), output_logprobs=list(r.output_logprobs),
             finish_reason=reason, routed_experts=routes, meta=meta,
+            weight_version=version, output_weight_versions=token_versions,
         )
         return r.rid, rollout
 
@@ -379,6 +426,7 @@ class Engine:
     def _check_prompt(self, prompt_ids: object) -> list[int]:
         if self._closed:
             raise ValueError("the engine is closed")
+        self._memory.check_resident()
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt must be a non-empty list of token ids")
         vocab = self.model.arch.vocab_size

@@ -12,6 +12,10 @@ than serving from a half-updated engine.
 Streaming: a submission may carry ``on_tokens``; after every step the loop
 reports the tokens its request has so far, from the engine's
 ``progress(rid) -> (output_ids, logprobs) | None``.
+
+Control: ``call(fn)`` runs ``fn(engine)`` on the loop thread between two steps (weight
+updates, cache flushes, memory release: ``rollout/serve/control.py``), and ``paused``
+stops stepping while requests keep being admitted, as SGLang's ``/pause_generation``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class StepEngine(Protocol):
     def has_unfinished(self) -> bool: ...
     def abort(self, rid: int) -> None: ...
     def progress(self, rid: int) -> tuple[list[int], list[float]] | None: ...
+    def take_finished(self) -> list[tuple[int, Rollout]]: ...
 
 
 @dataclass
@@ -52,6 +57,12 @@ class _Cancel:
     future: Future
 
 
+@dataclass
+class _Call:
+    fn: Callable[[Any], Any]
+    future: Future
+
+
 _STOP = object()
 
 
@@ -62,6 +73,7 @@ class EngineLoop:
         self._pending: dict[int, _Submission] = {}
         self._failure: BaseException | None = None
         self._closed = False  # set (under _lock) once the inbox is drained for good
+        self.paused = False  # set only on the loop thread (through call())
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="r3-engine-loop", daemon=True)
         self._thread.start()
@@ -90,6 +102,16 @@ class EngineLoop:
         """Abort the request behind ``future`` (its caller gave up): the engine stops spending steps on it."""
         self._inbox.put(_Cancel(future))
 
+    def call(self, fn: Callable[[Any], Any]) -> "Future[Any]":
+        """Run ``fn(engine)`` on the loop thread between steps; its result or exception lands in the future."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(self._stopped_error())
+            else:
+                self._inbox.put(_Call(fn, future))
+        return future
+
     def stop(self, timeout: float | None = 10.0) -> None:
         self._inbox.put(_STOP)
         self._thread.join(timeout)
@@ -99,18 +121,21 @@ class EngineLoop:
         try:
             while True:
                 # Block only when the engine has nothing to do; otherwise take what has arrived and step.
-                if not self._admit(block=not self._engine.has_unfinished()):
+                if not self._admit(block=self.paused or not self._engine.has_unfinished()):
                     break
-                if self._engine.has_unfinished():
-                    for rid, rollout in self._engine.step():
-                        sub = self._pending.pop(rid, None)
-                        if sub is not None:
-                            _resolve(sub.future, result=rollout)
+                if self._engine.has_unfinished() and not self.paused:
+                    self._deliver(self._engine.step())
                     self._report_progress()
         except BaseException as exc:  # the engine broke: fail everyone waiting, stop taking work
             self._failure = exc
         finally:
             self._drain()
+
+    def _deliver(self, finished: list[tuple[int, Rollout]]) -> None:
+        for rid, rollout in finished:
+            sub = self._pending.pop(rid, None)
+            if sub is not None:
+                _resolve(sub.future, result=rollout)
 
     def _admit(self, block: bool) -> bool:
         """Move queued submissions into the engine; False once stop() was called."""
@@ -126,6 +151,16 @@ class EngineLoop:
                 self._abort(item.future)
                 continue
             if item.future.done():  # its caller already gave up (cancelled the future)
+                continue
+            if isinstance(item, _Call):
+                try:
+                    _resolve(item.future, result=item.fn(self._engine))
+                except ValueError as exc:  # a refused command (bad weights, busy engine): that caller's error only
+                    _resolve(item.future, error=exc)
+                except BaseException as exc:  # the engine broke: this caller hears it, then everyone does
+                    _resolve(item.future, error=exc)
+                    raise
+                self._deliver(self._engine.take_finished())  # an update may have finished requests in flight
                 continue
             try:
                 rid = self._engine.add_request(item.prompt_ids, item.sampling, start_len=item.start_len)
@@ -174,7 +209,7 @@ class EngineLoop:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Submission):
+            if isinstance(item, (_Submission, _Call)):
                 _resolve(item.future, error=reason)
 
 

@@ -39,6 +39,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+import pydantic_core
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,6 +48,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rollout.moe_spec import MoESpec, read_config
+from rollout.serve import control
 from rollout.serve.engine_loop import EngineLoop, StepEngine
 from rollout.sglang.protocol import (
     DEFAULT_WEIGHT_VERSION,
@@ -133,7 +135,9 @@ class R3Server:
         self.request_timeout = request_timeout
         self.body_timeout = body_timeout
         self._sock = _listen(host, port, backlog)
+        self.engine = engine
         self.loop = EngineLoop(engine)
+        self.control = control.EngineControl(self.loop, timeout=request_timeout)  # SGLang's weight/memory verbs
         config = uvicorn.Config(
             _make_app(self), http=_deadline_protocol(body_timeout), lifespan="off", access_log=False,
             log_config=None, timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=max_connections, backlog=backlog,
@@ -244,7 +248,7 @@ class R3Server:
                     return
                 if event is None:
                     break
-                yield 200, build_partial_reply(item, *event)
+                yield 200, build_partial_reply(item, *event, weight_version=self.weight_version)
             try:
                 rollout: Rollout = future.result(timeout=0)
             except Exception as exc:
@@ -259,14 +263,20 @@ class R3Server:
             if not future.done():
                 self.loop.cancel(future)
 
+    @property
+    def weight_version(self) -> str:
+        """The engine's weight version as SGLang spells it (a string; "default" before any update)."""
+        version = getattr(self.engine, "weight_version", None)
+        return DEFAULT_WEIGHT_VERSION if version is None else str(version)
+
     def model_info(self) -> dict[str, Any]:
-        """SGLang's ``/get_model_info`` keys, plus what r3 adds (wire version, capture, route formats)."""
+        """SGLang's ``/model_info`` keys, plus what r3 adds (wire version, capture, route formats)."""
         return {
             "model_path": self.model_path,
             "tokenizer_path": None,
             "is_generation": True,
             "preferred_sampling_params": None,
-            "weight_version": DEFAULT_WEIGHT_VERSION,
+            "weight_version": self.weight_version,
             "has_image_understanding": False,
             "has_audio_understanding": False,
             "model_type": self.spec.model_type,
@@ -309,10 +319,30 @@ def _make_app(server: R3Server) -> "_RequestLog":
             return Response(b"", media_type="text/plain")
         return _error(503, "the engine loop has stopped")
 
-    @app.get("/get_model_info")
+    @app.get("/model_info")
+    @app.get("/get_model_info")  # 0.5.17's name for it, which it deprecates
     async def get_model_info(request: Request) -> Response:
         _require_key(server, request)
         return JSONResponse(server.model_info())
+
+    async def control_route(request: Request) -> Response:
+        """A weight/cache/memory command (``rollout/serve/control.py``), run on the engine loop between steps."""
+        _require_key(server, request)
+        raw = await _read_body(request, MAX_BODY_BYTES, server.body_timeout)
+        try:  # pydantic's parser, as for /generate: bounded nesting and numbers
+            body = pydantic_core.from_json(raw) if raw.strip() else None
+        except ValueError as exc:
+            return _error(400, f"request body is not valid JSON: {exc}")
+        try:  # blocks until the loop thread has run it, so off the event loop
+            status, payload = await asyncio.to_thread(control.handle, server.control, request.method, request.url.path, body)
+        except Exception as exc:  # the engine broke while running the command
+            return _error(503, f"engine failed: {exc!r}")
+        if isinstance(payload, str):
+            return Response(payload.encode("utf-8"), status_code=status, media_type="text/plain")
+        return JSONResponse(payload, status_code=status)
+
+    for method, path in control.ROUTES:
+        app.add_api_route(path, control_route, methods=[method])
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:

@@ -19,9 +19,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from rollout.moe_spec import MoESpec
+from rollout.moe_spec import MoESpec, read_config
 from rollout.sglang.http_client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT_S, HTTPClient
 from rollout.sglang.protocol import ROUTES_R3, ROUTES_SGLANG, build_request, decode_reply
+from rollout.sglang.weights import SGLangWeights, layout_of
 from rollout.types import Rollout, SamplingParams
 
 DEFAULT_CONCURRENCY = 16
@@ -47,6 +48,7 @@ class SGLangBackend:
         timeout: float = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
         concurrency: int = DEFAULT_CONCURRENCY,
+        staging_dir: str | os.PathLike | None = None,
         **engine_options: Any,
     ) -> None:
         if url is None and model_path is None:
@@ -58,11 +60,14 @@ class SGLangBackend:
         self._pool: ThreadPoolExecutor | None = None
         self._engine: Any = None
         self._routes_format: str | None = None if url is not None else ROUTES_SGLANG
+        self._control: SGLangWeights | None = None
+        self._config_dir: str | None = str(model_path) if model_path is not None else None
         if url is not None:
             if engine_options:
                 raise ValueError(f"engine options {sorted(engine_options)} only apply to the in-process engine")
             self._client = HTTPClient(url, api_key=api_key, timeout=timeout, max_retries=max_retries)
             self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="sglang-http")
+            self._control = SGLangWeights(self._client, staging_dir)
         self.spec = self._resolve_spec(moe_spec, model_path)
         if url is None:
             self._engine = _start_engine(str(model_path), return_routed_experts, engine_options)
@@ -107,6 +112,41 @@ class SGLangBackend:
             self._routes_format = ROUTES_R3 if isinstance(offered, list) and ROUTES_R3 in offered else ROUTES_SGLANG
         return self._routes_format
 
+    # ------------------------------------------------------------ RL verbs
+    @property
+    def weight_version(self) -> str:
+        return self._rl().weight_version
+
+    def update_weights(self, weights: Any, version: int | str, *, in_flight: str = "finish") -> None:
+        """Checked against the model's layout, staged as safetensors, loaded by the server (``rollout/sglang/weights.py``)."""
+        if self._config_dir is None:
+            raise ValueError("update_weights needs model_path= (a directory with the model's config.json) to check tensors")
+        self._rl().update_weights(layout_of(read_config(self._config_dir)), weights, version, in_flight=in_flight)
+
+    def update_weights_from_disk(self, model_path: str | os.PathLike, version: int | str, *, in_flight: str = "finish") -> None:
+        """Load a checkpoint directory that the server can read."""
+        self._rl().update_weights_from_disk(model_path, version, in_flight=in_flight)
+
+    def flush_cache(self) -> None:
+        self._rl().flush_cache()
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        self._rl().pause_generation(mode)
+
+    def continue_generation(self) -> None:
+        self._rl().continue_generation()
+
+    def release_memory(self, weights: bool = False) -> None:
+        self._rl().release_memory(weights)
+
+    def resume_memory(self) -> None:
+        self._rl().resume_memory()
+
+    def _rl(self) -> SGLangWeights:
+        if self._control is None:
+            raise ValueError("weight, cache and memory verbs go through a server's endpoints: pass url=")
+        return self._control
+
     def health(self) -> bool:
         """True when the server answers ``/health`` (always True in-process)."""
         if self._client is None:
@@ -145,6 +185,7 @@ class SGLangBackend:
         info = self._client.get_json("/get_model_info") or {}
         served = info.get("model_path")
         if served and os.path.isfile(os.path.join(served, "config.json")):
+            self._config_dir = served
             return MoESpec.from_pretrained(served)
         if not self.return_routed_experts:
             return None

@@ -67,8 +67,8 @@ class HTTPClient:
     def get_json(self, path: str) -> Any:
         return self.request("GET", path, None)
 
-    def request(self, method: str, path: str, data: bytes | None) -> Any:
-        """Send one request; returns the decoded JSON body ("" bodies decode to None)."""
+    def request(self, method: str, path: str, data: bytes | None, *, text: bool = False) -> Any:
+        """Send one request; returns the decoded JSON body ("" bodies decode to None), or with ``text`` the body as text."""
         attempt = 0
         while True:
             try:
@@ -84,7 +84,7 @@ class HTTPClient:
                     ) from exc
             else:
                 if status < 400:
-                    return _json_body(raw, f"{method} {self.url}{path}")
+                    return raw.decode("utf-8", "replace") if text else _json_body(raw, f"{method} {self.url}{path}")
                 message = _error_text(raw)
                 if 400 <= status < 500:
                     raise ValueError(f"{method} {self.url}{path} -> HTTP {status}: {message}")

@@ -152,7 +152,9 @@ def decode_reply(
     if routes_requested:
         routes = _decode_routes(meta, len(prompt) + len(output_ids), spec, start_len)
     info = {k: meta[k] for k in ("id", "cached_tokens", "weight_version", "e2e_latency") if k in meta}
-    return Rollout(prompt, output_ids, logprobs, finish, routes, {"sglang": info})
+    version = meta.get("weight_version")
+    return Rollout(prompt, output_ids, logprobs, finish, routes, {"sglang": info},
+                   weight_version=version if isinstance(version, str) else None)
 
 
 def decode_finish_reason(value: Any) -> str:
@@ -426,7 +428,8 @@ def build_reply(
 ) -> dict[str, Any]:
     """An SGLang 0.5.17 reply (same keys, same order) for one finished item."""
     cached = int(rollout.meta.get(CACHED_TOKENS_META_KEY, 0))
-    reply = _reply(item, rollout.output_ids, rollout.output_logprobs, finish_reason_to_sglang(rollout), cached)
+    version = DEFAULT_WEIGHT_VERSION if rollout.weight_version is None else str(rollout.weight_version)
+    reply = _reply(item, rollout.output_ids, rollout.output_logprobs, finish_reason_to_sglang(rollout), cached, version)
     meta = reply["meta_info"]
     if capture and item.return_routed_experts:
         routes = rollout.routed_experts
@@ -447,22 +450,25 @@ def build_reply(
     return reply
 
 
-def build_partial_reply(item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float]) -> dict[str, Any]:
+def build_partial_reply(
+    item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float], weight_version: str = DEFAULT_WEIGHT_VERSION
+) -> dict[str, Any]:
     """A streamed chunk before the end: cumulative tokens, ``finish_reason`` null, no routes yet (as SGLang)."""
-    reply = _reply(item, output_ids, logprobs, None, 0)
+    reply = _reply(item, output_ids, logprobs, None, 0, weight_version)
     reply["meta_info"]["dp_rank"] = None
     return reply
 
 
 def _reply(
-    item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float], finish: dict[str, Any] | None, cached: int
+    item: GenerateItem, output_ids: Sequence[int], logprobs: Sequence[float], finish: dict[str, Any] | None, cached: int,
+    weight_version: str,
 ) -> dict[str, Any]:
     ids = [int(t) for t in output_ids]
     meta: dict[str, Any] = {
         "id": item.rid,
         "finish_reason": finish,
         "prompt_tokens": len(item.prompt_ids),
-        "weight_version": DEFAULT_WEIGHT_VERSION,
+        "weight_version": weight_version,
         "num_retractions": 0,
     }
     if item.return_logprob:
