@@ -97,7 +97,9 @@ def test_packaged_recipes_are_found_by_name(tmp_path, monkeypatch):
     assert load_recipe("tiny-moe") == shipped == load_recipe("tiny-moe.yaml")
     (tmp_path / "tiny-moe.yaml").write_text(yaml.safe_dump({"model": MODEL, "output": {"dir": "mine"}}))
     assert load_recipe("tiny-moe.yaml").output.dir == "mine"  # a file of that name wins
-    with pytest.raises(ValueError, match=r"recipe 'tiny-mo' does not exist: .*packaged recipe \(bench-moe-gpu, tiny-moe\)"):
+    shipped_names = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+    assert {"tiny-moe", "tiny-grpo"} <= set(shipped_names)
+    with pytest.raises(ValueError, match=rf"recipe 'tiny-mo' does not exist: .*packaged recipe \({', '.join(shipped_names)}\)"):
         load_recipe("tiny-mo")
 
 
