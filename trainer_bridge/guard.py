@@ -1,20 +1,30 @@
-"""Misalignment guard: is the trainer's own router even close to the routes being replayed?
+"""Misalignment guard: is the trainer's own router even close to the routes being replayed, sequence by sequence?
 
 Correct routes come from the same weights, so the trainer's native top-k
 mostly agrees with them (rollout/trainer numerics only flip near-ties).
 Routes shifted by one token, taken from another sequence or recorded on
 another model are unrelated to the trainer's scores, so the overlap falls to
-what random top-k sets give: ``top_k / num_experts`` per expert slot.
+what unrelated top-k sets give, near ``top_k / num_experts`` per expert slot.
 
-The statistic is the *slot overlap* ``|native ∩ replayed| / top_k`` averaged
-over a layer's routed rows. The default threshold sits two thirds of the way
-from chance to perfect agreement: ``chance + 2 (1 - chance) / 3`` (0.75 for 2 of 8
-experts, 0.69 for 8 of 128). Measured on the seven tiny presets (fp32 trainer,
-routes recorded on a bf16 copy, 4 x 64 random tokens): correct routes 0.99 to
-1.0 per layer; shifted by one token either way 0.25 to 0.48; from another
-sequence 0.19 to 0.28. With only 48 rows a shifted layer reached 0.59, so the
-midpoint (0.625 for 2 of 8) would sit too close to noise; two thirds of the
-way leaves about 0.25 of margin on both sides.
+The statistic is the *slot overlap* ``|native ∩ replayed| / top_k`` of a
+routed (token, layer) row. It is judged two ways after each forward:
+
+* **per sequence**, pooled over the sequence's tokens and all MoE layers. A
+  sequence is a batch row, or a segment of a packed row (positions restart at 0,
+  or ``cu_seq_lens_q`` marks it). The realistic failures hit one sequence: one
+  multi-turn sample off by one token, one row swapped with another. Averaged
+  over a batch of 8 they keep every layer above 0.9; judged alone they fall to
+  chance.
+* **per layer**, pooled over the batch: routes recorded on another model
+  disagree in some layers for every sequence.
+
+The default threshold sits two thirds of the way from chance to perfect
+agreement: ``chance + 2 (1 - chance) / 3`` (0.75 for 2 of 8 experts, 0.69 for 8
+of 128). Measured with ``bench/guard_detection.py`` (``docs/benchmarks.md``).
+
+The reduction is lazy: a forward only adds device tensors (no host sync); the
+judgement (one sync) happens when the next forward starts, when the replay
+context closes, or when the numbers are read.
 """
 
 from __future__ import annotations
@@ -25,8 +35,11 @@ from dataclasses import dataclass, field
 import torch
 
 GUARD_MODES = ("warn", "raise", "off")
-# Fewer routed rows than this in a layer say too little to judge it (noise of a 2-of-8 overlap over 32 rows ~ 0.07).
-MIN_GUARD_ROWS = 32
+# Fewer routed rows than this say too little to judge a sequence or a layer (noise of a 2-of-8 overlap over 16 rows
+# is ~0.09, against a 0.5 gap between misaligned routes and the threshold).
+MIN_GUARD_ROWS = 16
+# At most this many flagged sequences are spelled out in a message.
+NAMED_SEQUENCES = 8
 
 
 class RouteMisalignmentWarning(UserWarning):
@@ -53,9 +66,45 @@ def slot_overlap(native: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
     return hits.float().mean(-1)
 
 
+def sequence_ids(token_shape: tuple[int, ...], position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """``[num_tokens]`` int64: which sequence each flattened token belongs to, numbered in order (no host sync).
+
+    A new sequence starts at each batch row, where ``cu_seqlens`` (offsets into the flattened tokens) says so,
+    and where positions do not continue (``position_ids[t] != position_ids[t-1] + 1``: packing restarts at 0).
+    Padding tokens may form sequences of their own; they have no routed rows and are never judged.
+    """
+    rows = token_shape[0] if len(token_shape) > 1 else 1
+    cols = token_shape[-1] if token_shape else 1
+    starts = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if position_ids is not None and position_ids.numel() == rows * cols:
+        pos = position_ids.to(device).reshape(-1, cols).expand(rows, cols)
+        starts[:, 1:] |= pos[:, 1:] != pos[:, :-1] + 1
+    flat = starts.reshape(-1)
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.to(device=device, dtype=torch.int64)
+        offsets = offsets[(offsets >= 0) & (offsets < flat.numel())]
+        flat = flat.clone()
+        flat[offsets] = True
+    return flat.cumsum(0) - 1
+
+
+@dataclass(frozen=True)
+class SequenceAgreement:
+    """One sequence's pooled overlap: ``row`` of the batch, tokens ``[start, end)`` of that row."""
+
+    index: int
+    row: int
+    start: int
+    end: int
+    overlap: float
+    rows: int  # routed (token, layer) rows; judged when at least the guard's ``min_rows``
+
+
 @dataclass
 class RoutingGuard:
-    """Accumulates per-layer overlap over one model forward, then judges it in :meth:`check`."""
+    """Accumulates overlap per token and per layer over one model forward; :meth:`check` judges it."""
 
     mode: str
     top_k: int
@@ -63,9 +112,10 @@ class RoutingGuard:
     layers: tuple[int, ...]
     threshold: float | None = None
     min_rows: int = MIN_GUARD_ROWS
-    # per MoE layer row: (sum of overlaps, routed rows) as device tensors, so updates never sync with the GPU
-    _totals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    last: dict[int, float] = field(default_factory=dict)
+    last: dict[int, float] = field(default_factory=dict)  # model layer -> overlap, of the last judged forward
+    sequences: list[SequenceAgreement] = field(default_factory=list)  # of the last judged forward
+    # pending forward: per-token sums [N] and counts, per-layer sums and counts [L], sequence ids [N], token shape
+    _pending: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in GUARD_MODES:
@@ -79,36 +129,100 @@ class RoutingGuard:
         if not in_range:
             raise ValueError(f"guard_threshold must be in [0, 1], got {self.threshold!r}")
 
-    def update(self, row: int, native: torch.Tensor, replayed: torch.Tensor, routed: torch.Tensor) -> None:
-        """Add the routed rows (``routed`` mask ``[N]``) of MoE layer ``row``; ``"off"`` measures nothing."""
+    def start(self, token_shape: tuple[int, ...], segments: torch.Tensor) -> None:
+        """Judge the previous forward, then open a new one over ``segments`` (:func:`sequence_ids`).
+
+        A previous forward that never finished (it raised) is dropped, so it cannot mix into this one.
+        """
+        self.check()
+        self._pending = None
         if self.mode == "off":
             return
-        with torch.no_grad():
-            overlap = slot_overlap(native, replayed) * routed
-            total, rows = overlap.sum(), routed.sum()
-            if row in self._totals:
-                total, rows = total + self._totals[row][0], rows + self._totals[row][1]
-        self._totals[row] = (total, rows)
+        n, device = segments.numel(), segments.device
+        self._pending = {
+            "shape": token_shape,
+            "segments": segments,
+            "tok_sum": torch.zeros(n, device=device),
+            "tok_rows": torch.zeros(n, device=device),
+            "layer_sum": torch.zeros(len(self.layers), device=device),
+            "layer_rows": torch.zeros(len(self.layers), device=device),
+            "finished": False,
+        }
 
-    def start(self) -> None:
-        """Forget a forward that never finished (it raised), so it cannot mix into the next one."""
-        self._totals.clear()
+    def finish(self) -> None:
+        """The forward returned: its numbers are complete and may be judged."""
+        if self._pending is not None:
+            self._pending["finished"] = True
+
+    def update(self, row: int, native: torch.Tensor, replayed: torch.Tensor, routed: torch.Tensor) -> None:
+        """Add the routed rows (mask ``[N]``) of MoE layer ``row``: device ops only."""
+        p = self._pending
+        if p is None:
+            return
+        with torch.no_grad():
+            routed_f = routed.to(p["tok_sum"].dtype)
+            overlap = slot_overlap(native, replayed) * routed_f
+            p["tok_sum"] += overlap
+            p["tok_rows"] += routed_f
+            p["layer_sum"][row] += overlap.sum()
+            p["layer_rows"][row] += routed_f.sum()
 
     def check(self) -> None:
-        """Judge the forward just finished (one host sync); warn or raise if any layer is near chance."""
-        rows = sorted(self._totals)
-        pairs = [torch.stack([t, n.to(t.dtype)]) for t, n in (self._totals[r] for r in rows)]
-        totals = torch.stack(pairs).tolist() if pairs else []
-        self._totals.clear()
-        self.last = {self.layers[r]: t / n for r, (t, n) in zip(rows, totals) if n >= self.min_rows}
-        bad = {layer: round(v, 3) for layer, v in self.last.items() if v < self.threshold}
-        if not bad:
+        """Judge the pending forward (one host sync); warn or raise naming the sequences and layers near chance."""
+        p = self._pending
+        if p is None or not p["finished"]:
             return
+        self._pending = None
+        seg, n = p["segments"], p["segments"].numel()
+        if n == 0:
+            return
+        index = torch.arange(n, device=seg.device)
+        seg_sum = torch.zeros(n, device=seg.device).index_add_(0, seg, p["tok_sum"])
+        seg_rows = torch.zeros(n, device=seg.device).index_add_(0, seg, p["tok_rows"])
+        first = torch.full((n,), n, device=seg.device).scatter_reduce_(0, seg, index, "amin")
+        last = torch.zeros(n, dtype=torch.int64, device=seg.device).scatter_reduce_(0, seg, index, "amax")
+        count = seg[-1:] + 1
+        host = torch.cat([count.double(), seg_sum.double(), seg_rows.double(), first.double(), last.double(),
+                          p["layer_sum"].double(), p["layer_rows"].double()]).tolist()
+        nseg = int(host[0])
+        seg_sum_h, seg_rows_h, first_h, last_h = (host[1 + i * n : 1 + i * n + nseg] for i in range(4))
+        layers_h = host[1 + 4 * n :]
+        cols = p["shape"][-1] if p["shape"] else 1
+        routed = [i for i in range(nseg) if seg_rows_h[i] > 0]  # padding-only segments are no sequences
+        self.sequences = [
+            SequenceAgreement(j, int(first_h[i]) // cols, int(first_h[i]) % cols, int(last_h[i]) % cols + 1,
+                              seg_sum_h[i] / seg_rows_h[i], int(seg_rows_h[i]))
+            for j, i in enumerate(routed)
+        ]
+        nl = len(self.layers)
+        self.last = {
+            self.layers[r]: layers_h[r] / layers_h[nl + r] for r in range(nl) if layers_h[nl + r] >= self.min_rows
+        }
+        self._judge()
+
+    def _judge(self) -> None:
+        assert self.threshold is not None
+        judged = [s for s in self.sequences if s.rows >= self.min_rows]
+        bad_seqs = [s for s in judged if s.overlap < self.threshold]
+        bad_layers = {layer: round(v, 3) for layer, v in self.last.items() if v < self.threshold}
+        if not bad_seqs and not bad_layers:
+            return
+        chance = chance_overlap(self.top_k, self.num_experts)
+        parts = []
+        if bad_seqs:
+            named = ", ".join(
+                f"sequence {s.index} (row {s.row}, tokens {s.start}-{s.end - 1}): {s.overlap:.3f}"
+                for s in bad_seqs[:NAMED_SEQUENCES]
+            )
+            more = f", and {len(bad_seqs) - NAMED_SEQUENCES} more" if len(bad_seqs) > NAMED_SEQUENCES else ""
+            parts.append(f"{len(bad_seqs)} of {len(judged)} sequences: {named}{more}")
+        if bad_layers:
+            parts.append(f"overlap per layer {bad_layers}")
         message = (
-            f"replayed routes disagree with the trainer's own router: native/replayed top-{self.top_k} overlap per "
-            f"layer {bad} is below {self.threshold:.3f} (chance is {chance_overlap(self.top_k, self.num_experts):.3f}); "
-            "routes are probably shifted by a token, from another sequence, or from another model"
+            f"replayed routes disagree with the trainer's own router (native/replayed top-{self.top_k} overlap below "
+            f"{self.threshold:.3f}; chance is {chance:.3f}) in " + "; ".join(parts) + ". Routes are probably shifted "
+            "by a token, from another sequence, or from another model"
         )
         if self.mode == "raise":
             raise RouteMisalignmentError(message)
-        warnings.warn(message, RouteMisalignmentWarning, stacklevel=3)
+        warnings.warn(message, RouteMisalignmentWarning, stacklevel=4)
