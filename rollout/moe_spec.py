@@ -35,6 +35,7 @@ LAYER_COUNT_KEYS = ("num_layers", "num_hidden_layers", "n_layers", "n_layer")
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts")
 TOP_K_KEYS = (
     "num_experts_per_tok",
+    "num_experts_per_token",
     "moe_k",
     "moe_topk",
     "moe_top_k",
@@ -64,11 +65,21 @@ def read_config(model_dir: str | os.PathLike) -> dict:
 
 def _as_dict(config: Any) -> dict[str, Any]:
     if isinstance(config, Mapping):
-        return dict(config)
+        return _with_defaults(dict(config))
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
         return to_dict()
     raise ValueError(f"a model config must be a dict or a transformers PretrainedConfig, got {type(config).__name__}")
+
+
+def _with_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """config.json omits settings equal to the config class's defaults: restore them when transformers knows the class."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        return CONFIG_MAPPING[cfg["model_type"]](**cfg).to_dict()
+    except Exception:  # unknown family, or a config its class rejects: read the file as it is
+        return cfg
 
 
 def _sections(cfg: Mapping[str, Any]) -> list[Mapping[str, Any]]:

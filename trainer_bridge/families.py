@@ -58,8 +58,13 @@ TINY = {
     "ssm_state_size": 8, "mamba_n_groups": 1, "n_groups": 1, "vocab_size_per_layer_input": 256,
     "hidden_size_per_layer_input": 8, "is_moe": True, "enable_moe_block": True, "pad_token_id": 0,
     "bos_token_id": 1, "eos_token_id": 2, "n_shared_experts": 1, "attn_layer_period": 2, "attn_layer_offset": 0,
-    "expert_layer_period": 2, "expert_layer_offset": 1,
+    "expert_layer_period": 2, "expert_layer_offset": 1, "sliding_window": 8, "indexer_n_heads": 2,
+    "indexer_kv_heads": 1, "indexer_head_dim": 16,
 }
+# Settings taken as given rather than only ever shrunk.
+TINY_EXACT = (*LAYER_COUNT_KEYS, "is_moe", "enable_moe_block", "pad_token_id", "bos_token_id", "eos_token_id",
+              "first_k_dense_replace", "num_dense_layers", "moe_layer_start_index", "moe_layer_end_index",
+              "attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset")
 # Multi-head latent attention (DeepSeek): its head_dim is the rotary part of a query head.
 TINY_MLA = {"head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8}
 TINY_LAYER_KINDS = {"layer_types": ["full_attention"] * TINY_LAYERS, "mlp_layer_types": ["dense", "sparse"]}
@@ -68,7 +73,7 @@ _WIDE = re.compile(r"(dim|size|rank|heads)$")
 WIDE, SMALL_WIDTH = 64, 16
 _MOE_NAMES = re.compile(r"expert|router", re.IGNORECASE)
 _MOE_CLASSES = re.compile(r"Experts?$|Router$|Gating$|SparseMoe|MoEBlock|MoeBlock")
-_MOE_CLASS_DEF = re.compile(r"^class \w*(Expert|Router|Gating)\w*\(", re.MULTILINE)
+_MOE_CLASS_DEF = re.compile(r"^class \w*(Expert|Router|Gating|MoE|Moe)\w*\(", re.MULTILINE)
 MAX_TINY_PARAMS = 5_000_000
 
 
@@ -113,7 +118,13 @@ def _model_class(config_class: type, language_part: bool) -> type | None:
 def _shrink(defaults: dict[str, Any], layers: int, mrope: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in defaults.items():
-        if key in TINY and (value is None or isinstance(value, (int, bool))):
+        if key in EXPERT_COUNT_KEYS and (value is None or isinstance(value, int)):
+            out[key] = TINY_EXPERTS if value is None or not 1 < value <= TINY_EXPERTS else value
+        elif key in TOP_K_KEYS and (value is None or isinstance(value, int)):
+            out[key] = min(value or TINY_TOP_K, TINY_TOP_K)  # ZAYA supports top-1 only
+        elif key in TINY and isinstance(value, int) and not isinstance(value, bool) and key not in TINY_EXACT:
+            out[key] = min(value, TINY[key])  # never widen: a zero rotary dim (GLM-5 DSA) stays zero
+        elif key in TINY and (value is None or isinstance(value, (int, bool))):
             out[key] = TINY[key]
         elif key in TINY and isinstance(value, list) and value and all(isinstance(v, int) for v in value):
             out[key] = [TINY[key]] * len(value)  # Ernie 4.5-VL: per-modality widths
@@ -128,7 +139,7 @@ def _shrink(defaults: dict[str, Any], layers: int, mrope: bool = False) -> dict[
         elif isinstance(value, dict) and any(k in TINY for k in value):  # DBRX's attn_config / ffn_config
             out[key] = _shrink(value, layers)
     if "qk_rope_head_dim" in defaults:
-        out.update({k: v for k, v in TINY_MLA.items() if k in defaults})
+        out.update({k: v if defaults[k] is None else min(v, defaults[k]) for k, v in TINY_MLA.items() if k in defaults})
         rope = defaults.get("rope_parameters")
         if isinstance(rope, dict) and "partial_rotary_factor" in rope:  # Mistral 4: rotary share of the tiny head
             out["rope_parameters"] = {**rope, "partial_rotary_factor": TINY_MLA["qk_rope_head_dim"] / TINY_MLA["head_dim"]}

@@ -92,14 +92,15 @@ def sequence_ids(token_shape: tuple[int, ...], position_ids: torch.Tensor | None
 
 @dataclass(frozen=True)
 class SequenceAgreement:
-    """One sequence's pooled overlap: ``row`` of the batch, tokens ``[start, end)`` of that row."""
+    """One judged sequence's pooled overlap: ``row`` of the batch, tokens ``[start, end)`` of that row; ``index``
+    numbers the judged sequences of the forward in order."""
 
     index: int
     row: int
     start: int
     end: int
     overlap: float
-    rows: int  # routed (token, layer) rows; judged when at least the guard's ``min_rows``
+    rows: int  # routed (token, layer) rows it was judged on (at least the guard's ``min_rows``)
 
 
 @dataclass
@@ -188,7 +189,8 @@ class RoutingGuard:
         seg_sum_h, seg_rows_h, first_h, last_h = (host[1 + i * n : 1 + i * n + nseg] for i in range(4))
         layers_h = host[1 + 4 * n :]
         cols = p["shape"][-1] if p["shape"] else 1
-        routed = [i for i in range(nseg) if seg_rows_h[i] > 0]  # padding-only segments are no sequences
+        # judged sequences only: padding tokens that form segments of their own carry too few rows to count
+        routed = [i for i in range(nseg) if seg_rows_h[i] >= self.min_rows]
         self.sequences = [
             SequenceAgreement(j, int(first_h[i]) // cols, int(first_h[i]) % cols, int(last_h[i]) % cols + 1,
                               seg_sum_h[i] / seg_rows_h[i], int(seg_rows_h[i]))
@@ -202,7 +204,7 @@ class RoutingGuard:
 
     def _judge(self) -> None:
         assert self.threshold is not None
-        judged = [s for s in self.sequences if s.rows >= self.min_rows]
+        judged = self.sequences
         bad_seqs = [s for s in judged if s.overlap < self.threshold]
         bad_layers = {layer: round(v, 3) for layer, v in self.last.items() if v < self.threshold}
         if not bad_seqs and not bad_layers:

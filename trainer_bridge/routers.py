@@ -498,10 +498,10 @@ class _SelectionMode(TorchFunctionMode):
     def _is_selection(self, scores: Any, k: int, dim: int, largest: bool) -> bool:
         return (
             isinstance(scores, torch.Tensor)
-            and scores.ndim >= 2
+            and scores.ndim == 2  # [tokens, E]: a per-group top-k over [tokens, 1, E] (n_group = 1) is not it
             and scores.shape[-1] == self.spec.num_experts
             and k == self.spec.top_k
-            and dim in (-1, scores.ndim - 1)
+            and dim in (-1, 1)
             and largest
         )
 
