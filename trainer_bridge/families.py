@@ -448,8 +448,8 @@ def survey() -> list[Outcome]:
             out.append(check_family(family))
         except TinyBuildError as e:
             out.append(Outcome(family.model_type, family.model_class.__name__, False, f"not checked: {e}", None))
-        except (AssertionError, ValueError) as e:
-            out.append(Outcome(family.model_type, family.model_class.__name__, False, f"CHECK FAILED: {e}", None))
+        except Exception as e:  # the survey reports every family, the failures included
+            out.append(Outcome(family.model_type, family.model_class.__name__, False, f"CHECK FAILED: {type(e).__name__}: {e}", None))
     return out
 
 
