@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import inspect
 import re
@@ -48,7 +49,7 @@ TINY = {
     **{k: TINY_LAYERS for k in LAYER_COUNT_KEYS},
     **{k: TINY_EXPERTS for k in EXPERT_COUNT_KEYS},
     **{k: TINY_TOP_K for k in TOP_K_KEYS},
-    "hidden_size": 64, "d_model": 64, "num_attention_heads": 4, "n_heads": 4, "num_key_value_heads": 4,
+    "hidden_size": 64, "d_model": 64, "num_attention_heads": 4, "n_heads": 4, "num_key_value_heads": 2,
     "kv_n_heads": 4, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32, "ffn_hidden_size": 32,
     "expert_ffn_hidden_size": 32, "vocab_size": 256, "zero_expert_num": 2,
@@ -59,14 +60,15 @@ TINY = {
     "hidden_size_per_layer_input": 8, "is_moe": True, "enable_moe_block": True, "pad_token_id": 0,
     "bos_token_id": 1, "eos_token_id": 2, "n_shared_experts": 1, "attn_layer_period": 2, "attn_layer_offset": 0,
     "expert_layer_period": 2, "expert_layer_offset": 1, "sliding_window": 8, "indexer_n_heads": 2,
-    "indexer_kv_heads": 1, "indexer_head_dim": 16,
+    "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8, "indexer_compress_ratio": 4,
 }
 # Settings taken as given rather than only ever shrunk.
 TINY_EXACT = (*LAYER_COUNT_KEYS, "is_moe", "enable_moe_block", "pad_token_id", "bos_token_id", "eos_token_id",
               "first_k_dense_replace", "num_dense_layers", "moe_layer_start_index", "moe_layer_end_index",
               "attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset")
-# Multi-head latent attention (DeepSeek): its head_dim is the rotary part of a query head.
-TINY_MLA = {"head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8}
+# Multi-head latent attention (DeepSeek): its head_dim is the rotary part of a query head, and it has as many
+# key/value heads as query heads (elsewhere TINY's two kv heads leave room for MiMo's doubled sliding-window ones).
+TINY_MLA = {"head_dim": 8, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4}
 TINY_LAYER_KINDS = {"layer_types": ["full_attention"] * TINY_LAYERS, "mlp_layer_types": ["dense", "sparse"]}
 # Any other integer setting named like a width and larger than this is shrunk to SMALL_WIDTH.
 _WIDE = re.compile(r"(dim|size|rank|heads)$")
@@ -340,12 +342,18 @@ def observable_experts(block: MoEBlock, num_experts: int) -> set[int]:
     return {e for e, pieces in enumerate(_expert_slices(block, num_experts)) if pieces}
 
 
+def _capture(captured: dict[int, tuple[tuple, dict]], row: int, args: tuple, kwargs: dict) -> None:
+    if row not in captured:
+        captured[row] = copy.deepcopy((args, kwargs))
+
+
 @contextlib.contextmanager
 def _block_inputs(blocks: list[MoEBlock]) -> Iterator[dict[int, tuple[tuple, dict]]]:
+    """Each block's first inputs, copied as they were before it ran (it may write a KV cache they hold)."""
     captured: dict[int, tuple[tuple, dict]] = {}
     handles = [
         b.module.register_forward_pre_hook(
-            lambda m, a, k, row=b.row: captured.setdefault(row, (a, k)), with_kwargs=True
+            lambda m, a, k, row=b.row: _capture(captured, row, a, k), with_kwargs=True
         )
         for b in blocks
     ]
@@ -357,8 +365,15 @@ def _block_inputs(blocks: list[MoEBlock]) -> Iterator[dict[int, tuple[tuple, dic
 
 
 def _block_call(block: MoEBlock, inputs: tuple[tuple, dict]) -> Callable[[], torch.Tensor]:
-    args, kwargs = inputs
-    return lambda: _output(block.module(*args, **kwargs))
+    """Re-run the block on a fresh copy of its captured inputs each time: a block that writes a cache it is
+    given (DiffusionGemma's encoder layers append their keys to the shared KV cache) would otherwise see its own
+    earlier keys again and change shape or output from one call to the next."""
+
+    def call() -> torch.Tensor:
+        args, kwargs = copy.deepcopy(inputs)
+        return _output(block.module(*args, **kwargs))
+
+    return call
 
 
 # --- the survey ---------------------------------------------------------------------------------------------------
