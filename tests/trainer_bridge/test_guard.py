@@ -124,3 +124,25 @@ def test_guard_statistics():
         guard.check()
     with pytest.raises(ValueError, match="guard must be one of"):
         RoutingGuard("loud", top_k=2, num_experts=8, layers=(0,))
+
+
+def _judge_one_sequence(native: torch.Tensor, replayed: torch.Tensor) -> RoutingGuard:
+    guard = RoutingGuard("raise", top_k=2, num_experts=8, layers=(0,))
+    guard.start((1, len(native)), torch.zeros(len(native), dtype=torch.int64))
+    guard.update(0, native, replayed, replayed[:, 0] != -1)
+    guard.finish()
+    return guard
+
+
+def test_a_shift_that_keeps_the_overlap_is_caught_one_token_off():
+    # neighbouring tokens route alike (runs of 4): routes shifted by one keep overlap 0.89, above the threshold
+    native = torch.tensor([[b % 8, (b + 1) % 8] for t in range(24) for b in [t // 4]])
+    shifted = torch.cat([torch.full((1, 2), -1), native[:-1]])
+    with pytest.raises(RouteMisalignmentError, match=r"sequence 0 \(row 0, tokens 0-23\): 0.891, \+0.114 one token off"):
+        _judge_one_sequence(native, shifted).check()
+    guard = _judge_one_sequence(native, native)  # aligned: fits its own token best
+    guard.check()
+    assert guard.sequences[0].overlap == 1.0 and guard.sequences[0].shift_gain < 0
+    # one expert pair all along: a shift is harmless and indistinguishable, and is not flagged
+    same = torch.tensor([[3, 5]] * 24)
+    _judge_one_sequence(same, torch.cat([torch.full((1, 2), -1), same[:-1]])).check()
