@@ -29,9 +29,10 @@ The default threshold sits two thirds of the way from chance to perfect
 agreement: ``chance + 2 (1 - chance) / 3`` (0.75 for 2 of 8 experts, 0.69 for 8
 of 128). Measured with ``bench/guard_detection.py`` (``docs/benchmarks.md``).
 
-The reduction is lazy: a forward only adds device tensors (no host sync); the
-judgement (one sync) happens when the next forward starts, when the replay
-context closes, or when the numbers are read.
+The reduction is lazy: a forward only keeps references to its ids; the
+arithmetic, batched over all layers, and the judgement (two host syncs) happen
+when the next forward starts, when the replay context closes, or when the
+numbers are read.
 """
 
 from __future__ import annotations
@@ -72,8 +73,13 @@ def default_threshold(top_k: int, num_experts: int) -> float:
 
 
 def slot_overlap(native: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
-    """Per row ``[N]``: share of replayed ids that the native top-k also picked (order-free)."""
-    hits = (replayed.unsqueeze(-1) == native.unsqueeze(-2)).any(-1)
+    """Per row ``[...]``: share of replayed ids that the native top-k also picked (order-free).
+
+    One comparison per native slot: on CPU that is 2x faster than one broadcast ``[..., K, K]`` comparison.
+    """
+    hits = replayed == native[..., :1]
+    for slot in range(1, native.shape[-1]):
+        hits |= replayed == native[..., slot : slot + 1]
     return hits.float().mean(-1)
 
 
@@ -123,7 +129,7 @@ class SequenceAgreement:
 
 @dataclass
 class RoutingGuard:
-    """Accumulates overlap per token and per layer over one model forward; :meth:`check` judges it."""
+    """Keeps each MoE layer's ids over one model forward; :meth:`check` measures and judges them."""
 
     mode: str
     top_k: int
@@ -133,7 +139,7 @@ class RoutingGuard:
     min_rows: int = MIN_GUARD_ROWS
     last: dict[int, float] = field(default_factory=dict)  # model layer -> overlap, of the last judged forward
     sequences: list[SequenceAgreement] = field(default_factory=list)  # of the last judged forward
-    # pending forward: per-token sums [N] and counts, per-layer sums and counts [L], sequence ids [N], token shape
+    # pending forward: token shape, sequence ids [N], and per MoE block call (row, native ids, replayed ids, routed)
     _pending: dict | None = None
 
     def __post_init__(self) -> None:
@@ -148,8 +154,9 @@ class RoutingGuard:
         if not in_range:
             raise ValueError(f"guard_threshold must be in [0, 1], got {self.threshold!r}")
 
-    def start(self, token_shape: tuple[int, ...], segments: torch.Tensor) -> None:
-        """Judge the previous forward, then open a new one over ``segments`` (:func:`sequence_ids`).
+    def start(self, token_shape: tuple[int, ...], position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+              device: torch.device) -> None:
+        """Judge the previous forward, then open a new one over these tokens (sequences as :func:`sequence_ids`).
 
         A previous forward that never finished (it raised) is dropped, so it cannot mix into this one.
         """
@@ -157,22 +164,8 @@ class RoutingGuard:
         self._pending = None
         if self.mode == "off":
             return
-        n, device = segments.numel(), segments.device
-        zeros = lambda size: torch.zeros(size, device=device)  # noqa: E731
-        self._pending = {
-            "shape": token_shape,
-            "segments": segments,
-            "same_next": segments[1:] == segments[:-1],  # token t and t + 1 are in one sequence
-            "tok_sum": zeros(n),
-            "tok_rows": zeros(n),
-            # per token: (overlap with the routes one token before / after) - (aligned overlap), and pair counts
-            "prev_gain": zeros(n),
-            "next_gain": zeros(n),
-            "pair_rows": zeros(n),
-            "layer_sum": zeros(len(self.layers)),
-            "layer_rows": zeros(len(self.layers)),
-            "finished": False,
-        }
+        segments = sequence_ids(token_shape, position_ids, cu_seqlens, device)
+        self._pending = {"shape": token_shape, "segments": segments, "calls": [], "finished": False}
 
     def finish(self) -> None:
         """The forward returned: its numbers are complete and may be judged."""
@@ -180,59 +173,70 @@ class RoutingGuard:
             self._pending["finished"] = True
 
     def update(self, row: int, native: torch.Tensor, replayed: torch.Tensor, routed: torch.Tensor) -> None:
-        """Add the routed rows (mask ``[N]``) of MoE layer ``row``: device ops only."""
-        p = self._pending
-        if p is None:
-            return
-        with torch.no_grad():
-            routed_f = routed.to(p["tok_sum"].dtype)
-            aligned = slot_overlap(native, replayed)
-            overlap = aligned * routed_f
-            p["tok_sum"] += overlap
-            p["tok_rows"] += routed_f
-            p["layer_sum"][row] += overlap.sum()
-            p["layer_rows"][row] += routed_f.sum()
-            pair = (routed[1:] & routed[:-1] & p["same_next"]).to(routed_f.dtype)  # rows t and t + 1
-            p["prev_gain"][1:] += (slot_overlap(native[1:], replayed[:-1]) - aligned[1:]) * pair
-            p["next_gain"][:-1] += (slot_overlap(native[:-1], replayed[1:]) - aligned[:-1]) * pair
-            p["pair_rows"][1:] += pair
+        """Keep MoE layer ``row``'s native ids, replayed ids ``[N, K]`` and routed mask ``[N]`` for :meth:`check`.
+
+        Nothing is computed here: per layer the arithmetic is a few dozen small ops, which on a small model cost
+        more than the replay itself; :meth:`check` does it once for all layers. The tensors are the interceptor's
+        own (the model never sees the native ids), so keeping references is safe.
+        """
+        if self._pending is not None:
+            self._pending["calls"].append((row, native, replayed, routed))
 
     def check(self) -> None:
-        """Judge the pending forward (one host sync); warn or raise naming the sequences and layers near chance."""
+        """Judge the pending forward (two host syncs); warn or raise naming the sequences and layers near chance."""
         p = self._pending
         if p is None or not p["finished"]:
             return
         self._pending = None
-        seg, n = p["segments"], p["segments"].numel()
-        if n == 0:
+        seg = p["segments"]
+        if seg.numel() == 0 or not p["calls"]:
+            self.sequences, self.last = [], {}
             return
-        index = torch.arange(n, device=seg.device)
-        per_token = torch.stack([p[k] for k in ("tok_sum", "tok_rows", "prev_gain", "next_gain", "pair_rows")], 1)
-        per_seg = torch.zeros(n, per_token.shape[1], device=seg.device).index_add_(0, seg, per_token)
-        first = torch.full((n,), n, device=seg.device).scatter_reduce_(0, seg, index, "amin")
-        last = torch.zeros(n, dtype=torch.int64, device=seg.device).scatter_reduce_(0, seg, index, "amax")
-        count = seg[-1:] + 1
-        host = torch.cat([count.double(), per_seg.T.double().flatten(), first.double(), last.double(),
-                          p["layer_sum"].double(), p["layer_rows"].double()]).tolist()
-        nseg = int(host[0])
-        sums, rows, prev, nxt, pairs, first_h, last_h = (host[1 + i * n : 1 + i * n + nseg] for i in range(7))
-        layers_h = host[1 + 7 * n :]
+        nseg = int(seg[-1]) + 1  # sync 1: the sequence count sizes what comes back
+        with torch.no_grad():
+            per_seg, per_layer = self._reduce(seg, nseg, p["calls"])
+        host = torch.cat([per_seg.T.flatten(), per_layer.T.flatten()]).tolist()  # sync 2
+        sums, rows, before, after, pairs, first, last = (host[i * nseg : (i + 1) * nseg] for i in range(7))
+        nl = len(self.layers)
+        layer_sums, layer_rows = host[7 * nseg : 7 * nseg + nl], host[7 * nseg + nl :]
         cols = p["shape"][-1] if p["shape"] else 1
         # judged sequences only: padding tokens that form segments of their own carry too few rows to count
         judged = [i for i in range(nseg) if rows[i] >= self.min_rows]
         self.sequences = [
             SequenceAgreement(
-                j, int(first_h[i]) // cols, int(first_h[i]) % cols, int(last_h[i]) % cols + 1, sums[i] / rows[i],
-                int(rows[i]),
-                max(prev[i], nxt[i]) / pairs[i] if pairs[i] >= self.min_rows else None,
+                j, int(first[i]) // cols, int(first[i]) % cols, int(last[i]) % cols + 1, sums[i] / rows[i],
+                int(rows[i]), max(before[i], after[i]) / pairs[i] if pairs[i] >= self.min_rows else None,
             )
             for j, i in enumerate(judged)
         ]
-        nl = len(self.layers)
-        self.last = {
-            self.layers[r]: layers_h[r] / layers_h[nl + r] for r in range(nl) if layers_h[nl + r] >= self.min_rows
-        }
+        self.last = {self.layers[r]: layer_sums[r] / layer_rows[r] for r in range(nl) if layer_rows[r] >= self.min_rows}
         self._judge()
+
+    def _reduce(self, seg: torch.Tensor, nseg: int, calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence ``[nseg, 7]`` (float64): aligned overlap sum, routed rows, gains one token before / after
+        (summed over rows whose neighbour in the sequence is routed too), those rows, first and last token;
+        per layer ``[L, 2]``: aligned overlap sum, routed rows. All layers at once: a few dozen ops in all."""
+        n, dev = seg.numel(), seg.device
+        native, replayed = torch.stack([c[1] for c in calls]), torch.stack([c[2] for c in calls])  # [M, N, K]
+        routed = torch.stack([c[3] for c in calls]).double()  # [M, N]
+        # every row against the replayed ids aligned, one token before (rows 1..), one token after (rows ..n-2)
+        hits = slot_overlap(torch.cat([native, native[:, 1:], native[:, :-1]], 1),
+                            torch.cat([replayed, replayed[:, :-1], replayed[:, 1:]], 1)).double()
+        aligned, before, after = hits.split([n, n - 1, n - 1], 1)
+        pair = routed[:, 1:] * routed[:, :-1] * (seg[1:] == seg[:-1])  # rows t and t + 1, counted at t + 1
+        overlap = aligned * routed
+        token = torch.zeros(n, 7, dtype=torch.float64, device=dev)
+        token[:, 0], token[:, 1] = overlap.sum(0), routed.sum(0)
+        token[1:, 2:5] = torch.stack([(before - aligned[:, 1:]) * pair, (after - aligned[:, :-1]) * pair, pair], -1).sum(0)
+        per_seg = torch.zeros(nseg, 7, dtype=torch.float64, device=dev).index_add_(0, seg, token)
+        index = torch.arange(n, device=dev, dtype=torch.float64)
+        per_seg[:, 5] = torch.full((nseg,), float(n), dtype=torch.float64, device=dev).scatter_reduce(0, seg, index, "amin")
+        per_seg[:, 6] = torch.zeros(nseg, dtype=torch.float64, device=dev).scatter_reduce(0, seg, index, "amax")
+        rows = torch.tensor([c[0] for c in calls], device=dev)
+        per_layer = torch.zeros(len(self.layers), 2, dtype=torch.float64, device=dev)
+        per_layer.index_add_(0, rows, torch.stack([overlap.sum(1), routed.sum(1)], 1))
+        return per_seg, per_layer
 
     def flagged(self) -> list[SequenceAgreement]:
         """The sequences of the last judged forward that look misaligned: unrelated, or shifted by a token."""

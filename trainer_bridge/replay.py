@@ -27,7 +27,7 @@ from torch import nn
 
 from rollout.moe_spec import MoESpec
 from rollout.routed_experts import RoutedExperts
-from trainer_bridge.guard import RoutingGuard, SequenceAgreement, sequence_ids
+from trainer_bridge.guard import RoutingGuard, SequenceAgreement
 from trainer_bridge.routers import MoEBlock, SelectFn, TopK, in_checkpoint_recompute, intercept_selection, moe_blocks_of
 
 Routes = Union[torch.Tensor, RoutedExperts, Sequence[RoutedExperts]]
@@ -50,15 +50,20 @@ def check_route_tensor(routes: torch.Tensor, spec: MoESpec) -> None:
         raise ValueError(f"routes have top_k={top_k} but the model routes top_k={spec.top_k}")
     if routes.numel() == 0:
         return
-    if int(routes.max()) >= spec.num_experts:
-        raise ValueError(f"expert id {int(routes.max())} >= num_experts={spec.num_experts}")
-    if int(routes.min()) < NO_ROUTE:
-        raise ValueError(f"expert id {int(routes.min())} is negative; only {NO_ROUTE} (route natively) is allowed")
     missing = routes == NO_ROUTE
-    if bool((missing.any(-1) & ~missing.all(-1)).any()):
-        raise ValueError(f"some routed rows are partly {NO_ROUTE}; a row is either all expert ids or all {NO_ROUTE}")
     srt = routes.sort(-1).values
-    if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != NO_ROUTE)).any()):
+    # one host sync for all four checks
+    high, low, partial, repeated = torch.stack([
+        routes.max(), routes.min(), (missing.any(-1) & ~missing.all(-1)).any(),
+        ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != NO_ROUTE)).any(),
+    ]).tolist()
+    if high >= spec.num_experts:
+        raise ValueError(f"expert id {high} >= num_experts={spec.num_experts}")
+    if low < NO_ROUTE:
+        raise ValueError(f"expert id {low} is negative; only {NO_ROUTE} (route natively) is allowed")
+    if partial:
+        raise ValueError(f"some routed rows are partly {NO_ROUTE}; a row is either all expert ids or all {NO_ROUTE}")
+    if repeated:
         raise ValueError("some routed rows repeat an expert id")
 
 
@@ -146,20 +151,17 @@ class ReplaySession:
         if self._flat is None:
             raise ValueError("replay routes were never bound to a forward: call the model passed to replay()")
         routes = self._flat[:, block.row]
-        rows = scores.numel() // scores.shape[-1]
-        if routes.shape[0] != rows:
-            raise ValueError(f"{block.name} routes {rows} tokens but the replay routes cover {routes.shape[0]}")
-        shape = native.indices.shape
-        native_ids = native.indices.reshape(rows, -1)
-        routed = routes[:, 0] != NO_ROUTE
-        ids = torch.where(routed.unsqueeze(-1), routes, native_ids)
+        if routes.shape[0] != scores.shape[0]:  # scores are [tokens, E] (routers.py intercepts no other top-k)
+            raise ValueError(f"{block.name} routes {scores.shape[0]} tokens but the replay routes cover {routes.shape[0]}")
+        routed = routes[:, :1] != NO_ROUTE
+        ids = torch.where(routed, routes, native.indices)
         if not in_checkpoint_recompute():  # a checkpoint recompute inside backward is not counted twice
-            self.guard.update(block.row, native_ids, routes, routed)
+            self.guard.update(block.row, native.indices, routes, routed[:, 0])
         # Routed rows take their gate scores from the unmasked scores (a replayed expert may sit in a group the
-        # native choice masked out); native rows keep the native values exactly.
-        flat_scores = unmasked.reshape(rows, -1)
-        values = torch.where(routed.unsqueeze(-1), flat_scores.gather(-1, ids), native.values.reshape(rows, -1))
-        return TopK((values.reshape(shape), ids.reshape(shape)))
+        # native choice masked out); native rows keep the native values exactly. Both are fresh tensors, not views:
+        # routers that normalise the values in place (``/=``) then cost no extra autograd node.
+        values = torch.where(routed, unmasked.gather(-1, ids), native.values)
+        return TopK((values, ids))
 
 
 def _sequence_hints(kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -205,7 +207,7 @@ def replay(
         else:
             dense = routes_from_routed_experts(source, shape, spec)
         session._flat = dense.reshape(-1, *dense.shape[-2:]).to(device=device, dtype=torch.int64)
-        session.guard.start(shape, sequence_ids(shape, *_sequence_hints(kwargs), device=device))
+        session.guard.start(shape, *_sequence_hints(kwargs), device=device)
 
     def finished(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         session.guard.finish()

@@ -110,14 +110,14 @@ def test_guard_statistics():
     native = torch.tensor([[0, 1], [2, 3], [4, 5]])
     assert slot_overlap(native, torch.tensor([[1, 0], [3, 7], [6, 7]])).tolist() == [1.0, 0.5, 0.0]
     guard = RoutingGuard("raise", top_k=2, num_experts=8, layers=(3,), min_rows=2)
-    guard.start((1, 3), torch.zeros(3, dtype=torch.int64))
+    guard.start((1, 3), None, None, torch.device("cpu"))
     guard.update(0, native, torch.tensor([[1, 0], [3, 7], [6, 7]]), torch.tensor([True, True, False]))
     guard.check()  # not finished: nothing judged yet (the reduction is lazy and waits for the forward's end)
     assert guard.last == {}
     guard.finish()
     guard.check()  # 0.75 over the two routed rows: not below the threshold
     assert guard.last == {3: 0.75} and [(s.overlap, s.rows) for s in guard.sequences] == [(0.75, 2)]
-    guard.start((1, 3), torch.tensor([0, 1, 1]))
+    guard.start((1, 3), torch.tensor([[0, 0, 1]]), None, torch.device("cpu"))  # sequences [0, 1, 1]
     guard.update(0, native, torch.tensor([[0, 1], [0, 1], [0, 1]]), torch.tensor([True, True, True]))
     guard.finish()
     with pytest.raises(RouteMisalignmentError, match=r"sequence 0 \(row 0, tokens 1-2\): 0.000"):
@@ -128,7 +128,7 @@ def test_guard_statistics():
 
 def _judge_one_sequence(native: torch.Tensor, replayed: torch.Tensor) -> RoutingGuard:
     guard = RoutingGuard("raise", top_k=2, num_experts=8, layers=(0,))
-    guard.start((1, len(native)), torch.zeros(len(native), dtype=torch.int64))
+    guard.start((1, len(native)), None, None, torch.device("cpu"))
     guard.update(0, native, replayed, replayed[:, 0] != -1)
     guard.finish()
     return guard
