@@ -378,7 +378,7 @@ def _locate(model: nn.Module) -> tuple[str, list[tuple[_Found, int]]]:
     if not found:
         raise ValueError(
             f"no MoE block found in {type(model).__name__}: no module holds stacked expert weights next to a router "
-            f"weight [num_experts, hidden]; MoE-like modules: {_moe_candidates(model) or 'none'}"
+            f"weight [num_experts, hidden]{_routerless_experts(model)}; MoE-like modules: {_moe_candidates(model) or 'none'}"
         )
     located = [(f, *_layer_of(model, f.name)) for f in found]
     stacks = sorted({stack for _, stack, _ in located})
@@ -388,6 +388,22 @@ def _locate(model: nn.Module) -> tuple[str, list[tuple[_Found, int]]]:
     if len(counts) > 1:
         raise ValueError(f"MoE blocks route over different expert counts {sorted(counts)}: {[f.name for f in found]}")
     return stacks[0], sorted(((f, layer) for f, _, layer in located), key=lambda t: (t[1], t[0].name))
+
+
+def _routerless_experts(model: nn.Module) -> str:
+    """For the refusal message: experts that were found without a router, and the matrices beside them."""
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    anchors = {a: v for a, v in _expert_anchors(modules).items() if _in_layer_list(a, modules)}
+    for anchor, (counts, _) in sorted(anchors.items()):
+        block = _parent(anchor)
+        beside = {p: tuple(params[p].shape) for p in _children_names(params, block)
+                  if params[p].ndim == 2 and not any(_within(p, a) for a in anchors)}
+        return (
+            f". The experts at {anchor} hold {sorted(counts)} experts, but the 2-D weights beside them in {block} are "
+            f"{beside or 'none'}: a router that scores another number of classes than there are experts (a skip "
+            "expert, shared-expert gates) has no route layout here"
+        )
+    return ""
 
 
 def _router_module(model: nn.Module, weight: str) -> nn.Module:
