@@ -318,7 +318,8 @@ def experts_used(block: MoEBlock, num_experts: int, call: Callable[[], torch.Ten
     """Per token of ``call()`` (the block's forward): the experts whose weights change its output."""
     slices = _expert_slices(block, num_experts)
     with torch.no_grad():
-        base = call().reshape(-1, _width(call))
+        out = call()
+        base = out.reshape(-1, out.shape[-1])
         used: list[set[int]] = [set() for _ in range(base.shape[0])]
         g = torch.Generator().manual_seed(0)
         for e, pieces in enumerate(slices):
@@ -333,10 +334,6 @@ def experts_used(block: MoEBlock, num_experts: int, call: Callable[[], torch.Ten
             for t in moved.nonzero().flatten().tolist():
                 used[t].add(e)
     return used
-
-
-def _width(call: Callable[[], torch.Tensor]) -> int:
-    return call().shape[-1]
 
 
 def observable_experts(block: MoEBlock, num_experts: int) -> set[int]:

@@ -412,7 +412,10 @@ def _router_module(model: nn.Module, weight: str) -> nn.Module:
 
 def model_moe_spec(model: nn.Module) -> MoESpec:
     """The route layout the model's own modules imply (layers, experts, top-k), whether or not it can be replayed."""
-    stack, located = _locate(model)
+    return _spec_of(model, *_locate(model))
+
+
+def _spec_of(model: nn.Module, stack: str, located: list[tuple[_Found, int]]) -> MoESpec:
     top_ks = {f.name: _top_k_of(model.get_submodule(f.name), _router_module(model, f.router_weight), model) for f, _ in located}
     if None in top_ks.values() or len(set(top_ks.values())) > 1:
         raise ValueError(f"cannot tell one top-k for the MoE blocks: {top_ks}")
@@ -434,7 +437,7 @@ def find_moe_blocks(model: nn.Module) -> tuple[MoESpec, list[MoEBlock]]:
     ``MoESpec.from_config(model.config)``, which the rollout side uses to shape routes from
     ``config.json`` alone: both must agree.
     """
-    _, located = _locate(model)
+    stack, located = _locate(model)
     by_layer: dict[int, list[str]] = {}
     for f, layer in located:
         by_layer.setdefault(layer, []).append(f.name)
@@ -445,7 +448,7 @@ def find_moe_blocks(model: nn.Module) -> tuple[MoESpec, list[MoEBlock]]:
             f"more than one routing decision per layer: layer {layer} routes through {len(names)} MoE blocks "
             f"({', '.join(names)}); a route row holds one top-k per layer, so this model cannot be replayed"
         )
-    spec = model_moe_spec(model)
+    spec = _spec_of(model, stack, located)
     blocks = [
         MoEBlock(
             f.name,
