@@ -9,16 +9,19 @@ routes are the model's own routes recorded beforehand, as correct rollout
 routes would be, so the guard passes and routing work is the same as native.
 
 CPU: ``python -m bench.replay_overhead``
-GPU: ``python -m bench.replay_overhead --device cuda --preset bench-qwen3-moe --batch 4 --seq 2048``
+GPU: ``OUT=$OUT python -m bench.replay_overhead --device cuda --preset bench-qwen3-moe --batch 4 --seq 2048``
+(the JSON also goes to ``$OUT/replay_overhead.json`` when ``OUT`` is set)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -118,6 +121,9 @@ def main() -> None:
     for mode in MODES:
         print(f"{mode:<18} {result['median_ms'][mode]:>12.2f} {result['min_ms'][mode]:>10.2f} {result['ratio_to_native'][mode]:>9.3f}")
     print(json.dumps(result))
+    if os.environ.get("OUT"):  # the GPU runner collects files under $OUT
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "replay_overhead.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

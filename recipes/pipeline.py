@@ -163,16 +163,19 @@ def generate(
 # ------------------------------------------------------------------ trainer
 @contextlib.contextmanager
 def observe_expert_inputs(model: Any, num_moe_layers: int) -> Iterator[list[Any]]:
-    """Collect the top-k ids each MoE block hands its experts module, independently of trainer_bridge.
+    """Collect the top-k ids each MoE block hands its experts module, independently of replay's interception.
 
-    transformers 5 MoE blocks call ``experts(hidden_states, top_k_index, top_k_weights)``;
-    a model built otherwise is refused, since the replay check would be hollow.
+    The experts modules are the ones ``trainer_bridge``'s discovery finds; transformers 5 MoE blocks call
+    ``experts(hidden_states, top_k_index, top_k_weights)``; a model built otherwise is refused, since the
+    replay check would be hollow.
     """
-    modules = [m for name, m in model.named_modules() if name.endswith(".experts")]
+    from trainer_bridge.routers import moe_blocks_of
+
+    modules = [b.experts[0] for b in moe_blocks_of(model)[1] if len(b.experts) == 1]
     if len(modules) != num_moe_layers:
         raise ValueError(
-            f"found {len(modules)} '*.experts' modules for {num_moe_layers} MoE layers: cannot observe the ids "
-            "reaching the experts"
+            f"found {len(modules)} MoE blocks with one experts module for {num_moe_layers} MoE layers: cannot "
+            "observe the ids reaching the experts"
         )
     seen: list[Any] = []
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from rollout.moe_spec import MoESpec
 from rollout.routed_experts import RoutedExperts
-from trainer_bridge.guard import RoutingGuard
-from trainer_bridge.routers import MoEBlock, SelectFn, TopK, intercept_selection, moe_blocks_of
+from trainer_bridge.guard import RoutingGuard, SequenceAgreement
+from trainer_bridge.routers import MoEBlock, SelectFn, TopK, in_checkpoint_recompute, intercept_selection, moe_blocks_of
 
 Routes = Union[torch.Tensor, RoutedExperts, Sequence[RoutedExperts]]
 NO_ROUTE = -1
@@ -50,15 +50,20 @@ def check_route_tensor(routes: torch.Tensor, spec: MoESpec) -> None:
         raise ValueError(f"routes have top_k={top_k} but the model routes top_k={spec.top_k}")
     if routes.numel() == 0:
         return
-    if int(routes.max()) >= spec.num_experts:
-        raise ValueError(f"expert id {int(routes.max())} >= num_experts={spec.num_experts}")
-    if int(routes.min()) < NO_ROUTE:
-        raise ValueError(f"expert id {int(routes.min())} is negative; only {NO_ROUTE} (route natively) is allowed")
     missing = routes == NO_ROUTE
-    if bool((missing.any(-1) & ~missing.all(-1)).any()):
-        raise ValueError(f"some routed rows are partly {NO_ROUTE}; a row is either all expert ids or all {NO_ROUTE}")
     srt = routes.sort(-1).values
-    if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != NO_ROUTE)).any()):
+    # one host sync for all four checks
+    high, low, partial, repeated = torch.stack([
+        routes.max(), routes.min(), (missing.any(-1) & ~missing.all(-1)).any(),
+        ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != NO_ROUTE)).any(),
+    ]).tolist()
+    if high >= spec.num_experts:
+        raise ValueError(f"expert id {high} >= num_experts={spec.num_experts}")
+    if low < NO_ROUTE:
+        raise ValueError(f"expert id {low} is negative; only {NO_ROUTE} (route natively) is allowed")
+    if partial:
+        raise ValueError(f"some routed rows are partly {NO_ROUTE}; a row is either all expert ids or all {NO_ROUTE}")
+    if repeated:
         raise ValueError("some routed rows repeat an expert id")
 
 
@@ -124,7 +129,7 @@ def _intercepting(
 
 @dataclass
 class ReplaySession:
-    """What a :func:`replay` context exposes: the guard's per-layer overlap of the last forward."""
+    """What a :func:`replay` context exposes: the guard's judgement of the last forward, per layer and per sequence."""
 
     guard: RoutingGuard
     spec: MoESpec
@@ -133,19 +138,40 @@ class ReplaySession:
     @property
     def agreement(self) -> dict[int, float]:
         """Model layer -> native/replayed slot overlap of the last forward (layers with enough routed rows)."""
+        self.guard.check()
         return dict(self.guard.last)
 
-    def _select(self, block: MoEBlock, scores: torch.Tensor, native: TopK) -> TopK:
+    @property
+    def sequence_agreement(self) -> list[SequenceAgreement]:
+        """Per sequence (batch row, or packed segment) of the last forward: its pooled native/replayed overlap."""
+        self.guard.check()
+        return list(self.guard.sequences)
+
+    def _select(self, block: MoEBlock, scores: torch.Tensor, native: TopK, unmasked: torch.Tensor) -> TopK:
         if self._flat is None:
             raise ValueError("replay routes were never bound to a forward: call the model passed to replay()")
         routes = self._flat[:, block.row]
-        if routes.shape[0] != scores.shape[0]:
+        if routes.shape[0] != scores.shape[0]:  # scores are [tokens, E] (routers.py intercepts no other top-k)
             raise ValueError(f"{block.name} routes {scores.shape[0]} tokens but the replay routes cover {routes.shape[0]}")
-        routed = routes[:, 0] != NO_ROUTE
-        ids = torch.where(routed.unsqueeze(-1), routes, native.indices)
-        if torch._C._current_graph_task_id() == -1:  # not a checkpoint recompute inside backward: count it once
-            self.guard.update(block.row, native.indices, routes, routed)
-        return TopK((scores.gather(-1, ids), ids))
+        routed = routes[:, :1] != NO_ROUTE
+        ids = torch.where(routed, routes, native.indices)
+        if not in_checkpoint_recompute():  # a checkpoint recompute inside backward is not counted twice
+            self.guard.update(block.row, native.indices, routes, routed[:, 0])
+        # Routed rows take their gate scores from the unmasked scores (a replayed expert may sit in a group the
+        # native choice masked out); native rows keep the native values exactly. Both are fresh tensors, not views:
+        # routers that normalise the values in place (``/=``) then cost no extra autograd node.
+        values = torch.where(routed, unmasked.gather(-1, ids), native.values)
+        return TopK((values, ids))
+
+
+def _sequence_hints(kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """position_ids and packed-sequence offsets (transformers' ``cu_seq_lens_q``) of a forward, if given."""
+    position_ids = kwargs.get("position_ids")
+    cu = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seqlens"))
+    return (
+        position_ids if isinstance(position_ids, torch.Tensor) else None,
+        cu if isinstance(cu, torch.Tensor) else None,
+    )
 
 
 @contextlib.contextmanager
@@ -162,6 +188,10 @@ def replay(
     ``RoutedExperts`` (batch of one); or a list of them, one per batch row, each covering
     positions ``[start, end)`` of its unpadded row. Everything except the token shape is
     checked here, before any forward; the token shape is checked when the model is called.
+
+    The guard judges each forward per sequence (batch row, or packed segment where
+    ``position_ids`` restart or ``cu_seq_lens_q`` says so) and per layer, lazily: when the next
+    forward starts, when the context closes, or when ``session.agreement`` is read.
     """
     spec, blocks = moe_blocks_of(model)
     source = _validated_source(routes, spec)
@@ -169,7 +199,6 @@ def replay(
     device = _model_device(model)
 
     def bind(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        session.guard.start()
         shape = _token_shape(args, kwargs)
         if isinstance(source, torch.Tensor):
             if tuple(source.shape[:-2]) != shape:
@@ -178,12 +207,14 @@ def replay(
         else:
             dense = routes_from_routed_experts(source, shape, spec)
         session._flat = dense.reshape(-1, *dense.shape[-2:]).to(device=device, dtype=torch.int64)
+        session.guard.start(shape, *_sequence_hints(kwargs), device=device)
 
-    def judge(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        session.guard.check()
+    def finished(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        session.guard.finish()
 
-    with _intercepting(model, blocks, spec, session._select, bind, judge):
+    with _intercepting(model, blocks, spec, session._select, bind, finished):
         yield session
+    session.guard.check()
 
 
 @dataclass
@@ -202,8 +233,8 @@ class Recording:
         stacked = torch.stack([self._layers[r] for r in range(len(self.spec.moe_layers))], dim=1)
         return stacked.reshape(*self.token_shape, *stacked.shape[1:])
 
-    def _select(self, block: MoEBlock, scores: torch.Tensor, native: TopK) -> TopK:
-        self._layers[block.row] = native.indices.detach().to(torch.int64)
+    def _select(self, block: MoEBlock, scores: torch.Tensor, native: TopK, unmasked: torch.Tensor) -> TopK:
+        self._layers[block.row] = native.indices.detach().reshape(-1, native.indices.shape[-1]).to(torch.int64)
         return native
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rollout.moe_spec import MoESpec
-from trainer_bridge.routers import find_moe_blocks
+from trainer_bridge.routers import moe_blocks_of
 
 FAMILY_PRESETS = (
     "tiny-qwen3-moe",
@@ -26,7 +26,7 @@ class ExpertInputs:
         self.ids: dict[int, torch.Tensor] = {}
         self._handles = [
             block.module.experts.register_forward_pre_hook(self._hook(block.row))
-            for block in find_moe_blocks(model, spec)
+            for block in moe_blocks_of(model)[1]
         ]
 
     def _hook(self, row: int):

@@ -9,7 +9,7 @@ import torch
 from rollout.moe_spec import MoESpec
 from rollout.routed_experts import RoutedExperts
 from trainer_bridge import record, replay
-from trainer_bridge.routers import find_moe_blocks
+from trainer_bridge.routers import moe_blocks_of
 
 BATCH, SEQ = 2, 6
 
@@ -26,7 +26,7 @@ def forwards(model):
     handle = model.get_input_embeddings().register_forward_pre_hook(lambda m, a: count.__setitem__(0, count[0] + 1))
     yield count
     handle.remove()
-    assert all("forward" not in vars(b.module) for b in find_moe_blocks(model, MoESpec.from_config(model.config)))
+    assert all("forward" not in vars(b.module) for b in moe_blocks_of(model)[1])
 
 
 def _ids() -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_nesting_and_bad_options_are_refused(model, forwards):
 def test_unpatchable_models_get_a_clear_error(load_tiny):
     model = load_tiny("tiny-mixtral")
     del model.model.layers[2].mlp.gate  # a MoE block whose router this code cannot find
-    with pytest.raises(ValueError, match=r"found them at \[0, 1, 3\]; MoE-like modules: \[.*MixtralSparseMoeBlock"):
+    with pytest.raises(ValueError, match=r"moe_layers \(0, 1, 2, 3\) in config.json but \(0, 1, 3\) in the model; MoE-like modules: \[.*MixtralSparseMoeBlock"):
         with replay(model, torch.full((1, 4, 4, 2), -1)):
             pass
 
@@ -102,7 +102,16 @@ def test_unpatchable_models_get_a_clear_error(load_tiny):
     router = model.model.layers[1].mlp.gate
     router.forward = lambda h: (lambda logits: (logits, logits.softmax(-1)[:, :2], logits.argsort(-1, descending=True)[:, :2]))(
         torch.nn.functional.linear(h, router.weight)
-    )  # selects without top-k
+    )  # selects without top-k: refused from its code, before any forward
+    with pytest.raises(ValueError, match="selection is not one top-k: model.layers.1.mlp .*MixtralTopKRouter.forward"):
+        with replay(model, torch.full((1, 4, 4, 2), -1)):
+            pass
+
+    model = load_tiny("tiny-mixtral")
+    router = model.model.layers[1].mlp.gate
+    router.forward = lambda h: (lambda logits: (logits, logits.softmax(-1)[:, :2], logits.topk(3).indices[:, :2]))(
+        torch.nn.functional.linear(h, router.weight)
+    )  # a top-k, but not of top_k experts: only the forward can tell, and it fails there
     with pytest.raises(ValueError, match="model.layers.1.mlp .*made no top-2 selection"):
         with replay(model, torch.full((1, 4, 4, 2), -1)):
             model(input_ids=torch.tensor([[1, 2, 3, 4]]))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from rollout.moe_spec import MoESpec
 from replay_helpers import FAMILY_PRESETS, ExpertInputs, random_routes
 from trainer_bridge import record, replay
-from trainer_bridge.routers import find_moe_blocks
+from trainer_bridge.routers import moe_blocks_of
 
 BATCH, SEQ = 2, 12
 
@@ -26,7 +26,7 @@ def _loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 def _bias_the_selection(model: torch.nn.Module) -> None:
     """Give DeepSeek-style routers a non-zero selection-only bias, so using it for the weights would show."""
     g = torch.Generator().manual_seed(1)
-    for block in find_moe_blocks(model, MoESpec.from_config(model.config)):
+    for block in moe_blocks_of(model)[1]:
         bias = getattr(block.router, "e_score_correction_bias", None)
         if bias is not None:
             bias.copy_(torch.rand(bias.shape, generator=g) * 0.5)
@@ -55,7 +55,7 @@ def _forced_reference(model: torch.nn.Module, routes: torch.Tensor):
     """Replace each MoE block's forward by a hand-written one that uses ``routes``; returns the undo handles."""
     spec = MoESpec.from_config(model.config)
     flat = routes.reshape(-1, *routes.shape[-2:])
-    blocks = find_moe_blocks(model, spec)
+    blocks = moe_blocks_of(model)[1]
     for block in blocks:
 
         def forward(hidden_states, block=block):
@@ -77,7 +77,7 @@ def _forced_reference(model: torch.nn.Module, routes: torch.Tensor):
 
 
 def _router_grads(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [b.router.weight.grad.clone() for b in find_moe_blocks(model, MoESpec.from_config(model.config))]
+    return [b.router.weight.grad.clone() for b in moe_blocks_of(model)[1]]
 
 
 @pytest.mark.parametrize("preset", FAMILY_PRESETS)
@@ -146,5 +146,5 @@ def test_replaying_native_routes_is_exactly_native(load_tiny, preset):
     with replay(model, rec.routes, guard="raise") as session, torch.no_grad():
         replayed = model(input_ids=ids).logits
     assert torch.equal(native, replayed)
-    assert "forward" not in vars(find_moe_blocks(model, MoESpec.from_config(model.config))[0].module)  # unpatched
+    assert "forward" not in vars(moe_blocks_of(model)[1][0].module)  # unpatched
     assert list(session.agreement.values()) == [1.0] * len(session.spec.moe_layers)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from replay_helpers import random_routes
 from rollout.moe_spec import MoESpec
 from trainer_bridge import replay
-from trainer_bridge.routers import find_moe_blocks
+from trainer_bridge.routers import in_checkpoint_recompute, moe_blocks_of
 
 BATCH, SEQ = 4, 8
 
@@ -47,9 +47,9 @@ def _count_recomputes(model: torch.nn.Module) -> list[int]:
     spec = MoESpec.from_config(model.config)
 
     def hook(module, args):  # a pre-hook: non-reentrant recompute stops early, before forward hooks would run
-        count[0] += torch._C._current_graph_task_id() != -1
+        count[0] += in_checkpoint_recompute()
 
-    for block in find_moe_blocks(model, spec):
+    for block in moe_blocks_of(model)[1]:
         block.module.register_forward_pre_hook(hook)
     return count
 

@@ -53,7 +53,8 @@ class ExpertProbe:
         probe = cls(flat, zero.clone(), zero.clone())
         _, blocks = moe_blocks_of(module)
         for block in blocks:
-            probe.handles.append(block.module.experts.register_forward_pre_hook(probe._hook(block.row)))
+            if len(block.experts) == 1:  # one experts module, called as experts(hidden, top_k_index, top_k_weights)
+                probe.handles.append(block.experts[0].register_forward_pre_hook(probe._hook(block.row)))
         return probe
 
     def _hook(self, row: int):
