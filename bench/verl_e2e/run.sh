@@ -7,13 +7,17 @@
 #   R3/main_ppo.log, R3/metrics.jsonl, off/main_ppo.log, off/metrics.jsonl, summary.json
 # and prints a per-step table (k3 KL, replay counters) with the acceptance checks last.
 #
-# Env: OUT (required), STEPS (default 4), RUN_TIMEOUT seconds per run (default 210: both runs and the unpacking fit one 10-minute call),
+# Env: OUT (required), STEPS (default 4), MODES (default "R3 off"), RUN_TIMEOUT seconds per run (default 330),
 #      TRAINER=v1|legacy (default v1: verl 0.9.1's default TransferQueue trainer).
+# On one H200 (2026-12-01) a run took about 190 s to reach its first step (Ray, TransferQueue, the SGLang
+# server, FSDP) and 80 s for the first step, then about 4 s a step: one mode per 10-minute call, e.g.
+# MODES=R3 in one call and MODES=off in the next (the model and data are made once per machine).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 : "${OUT:?set OUT to the output directory}"
 STEPS="${STEPS:-4}"
-RUN_TIMEOUT="${RUN_TIMEOUT:-210}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-330}"
+MODES="${MODES:-R3 off}"
 TRAINER="${TRAINER:-v1}"
 WORK="${WORK:-/tmp/verl-e2e}"
 mkdir -p "$OUT" "$WORK"
@@ -29,10 +33,10 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 t0=$(date +%s)
 python3 -c "import torch, transformers, verl, ray, sglang, tensordict, transfer_queue; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| transformers', transformers.__version__, '| verl', verl.__version__, '| ray', ray.__version__, '| sglang', sglang.__version__, '| tensordict', tensordict.__version__)" \
   || { echo "imports failed: unpack both wheelhouses first (scripts/verl-on-gpu/README.md)"; exit 2; }
-python3 bench/verl_e2e/model.py --out "$WORK/model" || exit 2
-python3 bench/verl_e2e/dataset.py --out "$WORK/data" --train $((8 * STEPS)) --val 8 || exit 2
+[ -f "$WORK/model/config.json" ] || python3 bench/verl_e2e/model.py --out "$WORK/model" || exit 2
+[ -f "$WORK/data/train.parquet" ] || python3 bench/verl_e2e/dataset.py --out "$WORK/data" --train $((8 * STEPS)) --val 8 || exit 2
 
-for mode in R3 off; do
+for mode in $MODES; do
   echo "=== main_ppo, router_replay ${mode} ($(( $(date +%s) - t0 )) s in) ==="
   python3 bench/verl_e2e/launch.py --mode "$mode" --model "$WORK/model" --data "$WORK/data" --out "$OUT/$mode" \
     --trainer "$TRAINER" --timeout "$RUN_TIMEOUT" -- "trainer.total_training_steps=$STEPS"

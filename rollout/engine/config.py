@@ -60,7 +60,7 @@ class EngineConfig:
     attention_backend: str = AUTO  # CPU: torch; CUDA: triton
     prefill_attention_backend: str = AUTO  # prefill/extend steps only; auto: attention_backend
     moe_backend: str = AUTO  # CPU: torch; CUDA: triton
-    layer_kernels: str = AUTO  # CPU: torch; CUDA: triton
+    layer_kernels: str = AUTO  # torch on both devices until the Triton layer kernels have run in a GPU benchmark
     cuda_graph: bool | None = None  # replay decode steps from CUDA graphs; None: on for CUDA
 
     def __post_init__(self) -> None:
@@ -130,7 +130,9 @@ class EngineConfig:
             attention_backend=attention,
             prefill_attention_backend=attention if self.prefill_attention_backend == AUTO else self.prefill_attention_backend,
             moe_backend=fast if self.moe_backend == AUTO else self.moe_backend,
-            layer_kernels=fast if self.layer_kernels == AUTO else self.layer_kernels,
+            # the fused norm/RoPE/router/sampler kernels are opt-in: the H200 run of 2026-12-01 checked them only
+            # positionally (docs/benchmarks.md, issue 15), and every throughput figure there uses the torch ops
+            layer_kernels="torch" if self.layer_kernels == AUTO else self.layer_kernels,
             max_batch_tokens=self.max_batch_tokens or (CUDA_MAX_BATCH_TOKENS if cuda else CPU_MAX_BATCH_TOKENS),
             cuda_graph=self.cuda_graph,
         )

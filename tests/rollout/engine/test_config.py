@@ -44,7 +44,7 @@ def test_cpu_defaults_stay_the_torch_float32_path():
 def test_cuda_defaults_are_the_fast_path():
     values = EngineConfig().defaults_for(cuda=True, checkpoint_dtype="bfloat16")
     assert values == dict(dtype="bfloat16", attention_backend="triton", prefill_attention_backend="triton",
-                          moe_backend="triton", layer_kernels="triton", max_batch_tokens=CUDA_MAX_BATCH_TOKENS,
+                          moe_backend="triton", layer_kernels="torch", max_batch_tokens=CUDA_MAX_BATCH_TOKENS,
                           cuda_graph=True)
     assert EngineConfig().defaults_for(cuda=True, checkpoint_dtype="float32")["dtype"] == "float32"
     assert EngineConfig().defaults_for(cuda=True, checkpoint_dtype=None)["dtype"] == "bfloat16"
