@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 
-from rollout.engine.config import DTYPES
+from rollout.engine.config import AUTO, DTYPES
 from rollout.serve.server import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_CONNECTIONS,
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request but /health")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default=AUTO, choices=DTYPES + (AUTO,), help="auto: float32 on CPU, the checkpoint's dtype on CUDA")
     p.add_argument(
         "--no-capture", action="store_true",
         help="do not record routed experts (like SGLang without --enable-return-routed-experts)",
