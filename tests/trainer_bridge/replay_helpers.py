@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from rollout.moe_spec import MoESpec
 from trainer_bridge.routers import moe_blocks_of
 
 FAMILY_PRESETS = (
@@ -22,7 +21,6 @@ class ExpertInputs:
     """Records the expert ids each MoE block hands to its experts module (the ids that really reach the experts)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        spec = MoESpec.from_config(model.config)
         self.ids: dict[int, torch.Tensor] = {}
         self._handles = [
             block.module.experts.register_forward_pre_hook(self._hook(block.row))

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from rollout.moe_spec import MoESpec
 from rollout.routed_experts import RoutedExperts
 from trainer_bridge import record, replay
 from trainer_bridge.routers import moe_blocks_of

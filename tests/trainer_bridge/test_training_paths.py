@@ -44,7 +44,6 @@ def model_and_batch(load_tiny):
 def _count_recomputes(model: torch.nn.Module) -> list[int]:
     """Counts MoE block forwards that run inside backward, i.e. checkpoint recomputes."""
     count = [0]
-    spec = MoESpec.from_config(model.config)
 
     def hook(module, args):  # a pre-hook: non-reentrant recompute stops early, before forward hooks would run
         count[0] += in_checkpoint_recompute()

@@ -24,14 +24,11 @@ from verl_stack import require
 require("verl_harness")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 import verl_harness as vh  # noqa: E402
+from verl_harness import engine_process_group, model_dir, spec  # noqa: E402,F401  (module fixtures)
 from rollout.moe_spec import MoESpec  # noqa: E402
-from rollout.presets import init_model  # noqa: E402
-from rollout.types import Rollout  # noqa: E402
-from trainer_bridge import RouteMisalignmentWarning, replay  # noqa: E402
+from trainer_bridge import RouteMisalignmentWarning  # noqa: E402
 from trainer_bridge.verl import rollouts_to_verl_fields  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.utils.padding import no_padding_2_padding  # noqa: E402
@@ -40,38 +37,9 @@ if not vh.engine_runs_on_cpu():
     pytest.skip("verl's FSDP engine was imported before the CPU platform was set", allow_module_level=True)
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    if torch.distributed.is_initialized():
-        pytest.skip("another test left a torch.distributed process group open")
-    with vh.process_group():
-        yield
+def _process_group(engine_process_group):
+    yield
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("verl") / "tiny-qwen3-moe"
-    init_model("tiny-qwen3-moe", path, seed=0, dtype="float32")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def spec(model_dir) -> MoESpec:
-    return MoESpec.from_pretrained(model_dir)
-
-
-def direct_replay_logprobs(model_dir: str, rollouts: list[Rollout]) -> list[torch.Tensor]:
-    """trainer_bridge on the plain transformers model, one unpadded sequence at a time."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    out = []
-    with torch.no_grad():
-        for r in rollouts:
-            tokens = torch.tensor([r.token_ids])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RouteMisalignmentWarning)
-                with replay(model, r.routed_experts):
-                    logits = model(input_ids=tokens).logits[0]
-            out.append(F.log_softmax(logits[:-1].float(), -1).gather(-1, tokens[0, 1:, None])[:, 0])
-    return out
 
 
 def run_old_logprob(worker, fields):
@@ -102,7 +70,7 @@ def test_r3_old_logprob_pass_replays_and_matches_direct_replay(r3_worker, model_
     assert any(issubclass(w.category, RouteMisalignmentWarning) for w in caught)
 
     log_probs = tu.get(out, "log_probs")
-    reference = direct_replay_logprobs(model_dir, rollouts)
+    reference = vh.direct_replay_logprobs(model_dir, rollouts)
     for i, (seq, ref) in enumerate(zip(log_probs.unbind(), reference)):
         torch.testing.assert_close(seq[:-1], ref, rtol=1e-5, atol=1e-5, msg=f"sequence {i}")
 
@@ -153,7 +121,7 @@ def test_r3_without_remove_padding_uses_right_padded_rows(model_dir, spec):
     worker = vh.make_worker(model_dir, "R3", micro_batch=2, remove_padding=False, gradient_checkpointing=False)
     rollouts = vh.random_rollouts(spec, seed=2)
     _, out, probe, _ = run_old_logprob(worker, vh.verl_fields(rollouts, spec))
-    reference = direct_replay_logprobs(model_dir, rollouts)
+    reference = vh.direct_replay_logprobs(model_dir, rollouts)
     for i, (seq, ref) in enumerate(zip(tu.get(out, "log_probs").unbind(), reference)):
         torch.testing.assert_close(seq[:-1], ref, rtol=1e-5, atol=1e-5, msg=f"sequence {i}")
     # Two micro-batches of two right-padded rows each: every row of every micro-batch replayed its own routes.

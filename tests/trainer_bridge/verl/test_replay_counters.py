@@ -20,8 +20,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import verl_harness as vh  # noqa: E402
-from rollout.moe_spec import MoESpec  # noqa: E402
-from rollout.presets import init_model  # noqa: E402
+from verl_harness import engine_process_group, model_dir, spec  # noqa: E402,F401  (module fixtures)
 from trainer_bridge import RouteMisalignmentWarning, replay  # noqa: E402
 from trainer_bridge.verl import plugin  # noqa: E402
 from trainer_bridge.verl.counters import ExpertProbe  # noqa: E402
@@ -34,23 +33,8 @@ if not vh.engine_runs_on_cpu():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def process_group():
-    if torch.distributed.is_initialized():
-        pytest.skip("another test left a torch.distributed process group open")
-    with vh.process_group():
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("verl-counters") / "tiny-qwen3-moe"
-    init_model("tiny-qwen3-moe", path, seed=0, dtype="float32")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def spec(model_dir) -> MoESpec:
-    return MoESpec.from_pretrained(model_dir)
+def _process_group(engine_process_group):
+    yield
 
 
 def routed_rows(rollouts, spec) -> int:

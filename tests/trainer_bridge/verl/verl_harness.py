@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import cache, partial
 from typing import Any, Iterator
 
+import pytest
 import torch
 
 from hydra import compose, initialize_config_module
@@ -39,6 +40,7 @@ from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import left_right_2_no_padding
 
 from rollout.moe_spec import MoESpec
+from rollout.presets import init_model
 from rollout.routed_experts import RoutedExperts
 from rollout.types import FINISH_LENGTH, Rollout
 from trainer_bridge.verl import rollouts_to_verl_fields
@@ -74,6 +76,28 @@ def process_group() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# Module fixtures the engine tests share: ``from verl_harness import engine_process_group, model_dir, spec``.
+@pytest.fixture(scope="module")
+def engine_process_group():
+    """A gloo world of one for the module's FSDP engines (verl's engine needs torch.distributed)."""
+    if torch.distributed.is_initialized():
+        pytest.skip("another test left a torch.distributed process group open")
+    with process_group():
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("verl") / "tiny-qwen3-moe"
+    init_model("tiny-qwen3-moe", path, seed=0, dtype="float32")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def spec(model_dir) -> MoESpec:
+    return MoESpec.from_pretrained(model_dir)
 
 
 @cache
