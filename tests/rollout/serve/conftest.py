@@ -63,3 +63,15 @@ def start_serve():
     for s in started:
         s.stop()
 
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """The checkpoint a module serves (a module may override it with another preset)."""
+    return tiny_model_dir("tiny-qwen3-moe")
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    from rollout.engine.engine import Engine
+
+    return Engine(model)

@@ -20,16 +20,6 @@ from rollout.sglang.http_client import HTTPClient
 from rollout.types import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("tiny-qwen3-moe")
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    return Engine(model)
-
-
 def test_stream_sends_growing_chunks_then_the_full_reply(engine, model):
     server = R3Server(engine, model, port=0)
     server.start_background()

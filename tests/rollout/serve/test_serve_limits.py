@@ -26,16 +26,6 @@ from rollout.types import SamplingParams
 BODY = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("tiny-qwen3-moe")
-
-
-@pytest.fixture(scope="module")
-def engine(model):
-    return Engine(model)
-
-
 @pytest.fixture
 def serve(engine, model):
     started = []

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from rollout.engine.engine import Engine
@@ -31,11 +30,6 @@ def _load_module():
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("tiny-qwen3-moe")
 
 
 def test_hundreds_of_concurrent_clients(model):
