@@ -152,7 +152,7 @@ class Engine:
 
     def step(self) -> list[tuple[int, Rollout]]:
         """One loop iteration; returns the requests that finished in it."""
-        finished, self._undelivered = self._undelivered, []
+        finished = self.take_finished()
         finished += self._finish_aborted()  # before scheduling: an aborted request still waiting costs nothing
         batch = self.scheduler.schedule(can_preempt=self._in_flight is None)
         if batch is BLOCKED:  # preemption snapshots routes, so every step must be finalized first
@@ -400,6 +400,7 @@ class Engine:
         if r is not None:
             r.error = r.error or "dropped: generate() raised"
             self.scheduler.finish(r, FINISH_ABORT)
+            self._weights.forget(rid)
 
     def _route_rows(self, r: Request, n: int) -> np.ndarray:
         """Routes of positions ``[0, n)``: snapshot from a preemption first, then the host cache by slot."""

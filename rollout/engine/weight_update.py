@@ -59,6 +59,10 @@ class WeightSync:
     def start(self, rid: int) -> None:
         self._marks[rid] = [(0, self.version)]
 
+    def forget(self, rid: int) -> None:
+        """A request dropped without a rollout (``Engine.generate`` raising): nothing to report for it."""
+        del self._marks[rid]
+
     def finish(self, rid: int, num_output: int) -> tuple[Version, list[Version]]:
         """(the version of the rollout, the version of each output token) for a request leaving."""
         marks = self._marks.pop(rid)

@@ -137,6 +137,7 @@ def test_generate_leaves_nothing_queued_when_it_raises(qwen3_dir):
         engine.generate(PROMPTS, GREEDY)
     assert not engine.has_unfinished() and not engine.scheduler.has_work()
     assert engine.stats["free_slots"] == free
+    assert not engine._weights._marks  # the dropped requests' weight-version bookkeeping goes with them
 
 
 def test_an_aborted_request_never_scheduled_costs_no_compute(qwen3_dir):
