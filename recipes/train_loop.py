@@ -260,7 +260,15 @@ def train_arm(arm: str, worker: Any, model: Any, initial: dict[str, torch.Tensor
 
 
 def run_training(recipe: Recipe, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every arm of ``recipe``; writes ``metrics.jsonl``, ``report.json``, ``report.md`` and ``report.png``."""
+    """Every arm of ``recipe``; writes ``metrics.jsonl``, ``report.json``, ``report.md`` and ``report.png``.
+    ``progress=False`` silences every bar, transformers' included."""
+    from recipes.progress import library_bars
+
+    with library_bars(progress):
+        return _train(recipe, progress, log)
+
+
+def _train(recipe: Recipe, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from recipes.pipeline import resolve_model

@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 
-from recipes.config import load_recipe
+from recipes.commands import add_recipe_arguments, load_recipe_to_run
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML with a train section (keys: docs/recipes.md)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set train.steps=4 (value in YAML syntax); repeatable")
-    p.add_argument("--out", help="output directory (overrides output.dir)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_recipe_arguments(p, set_example="train.steps=4")
 
 
 def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides, args.out)  # every check happens before anything is written
-    # SIGTERM unwinds like Ctrl-C, so the scratch output directory is removed and output.dir is untouched.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    recipe = load_recipe_to_run(args)
     if recipe.rollout.device == "cpu" and recipe.trainer.device == "cpu":
         import torch
 

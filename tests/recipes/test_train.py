@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -30,13 +32,15 @@ def trained(tmp_path_factory):
     raw["model"]["dir"] = str(root / "models")
     raw["output"] = {"dir": str(root / "out")}
     lines: list[str] = []
-    summary = run_training(parse_recipe(raw), progress=False, log=lines.append)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):  # where tqdm and transformers draw their bars
+        summary = run_training(parse_recipe(raw), progress=False, log=lines.append)
     records = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
-    return summary, records, root / "out", lines
+    return summary, records, root / "out", lines, stderr.getvalue()
 
 
 def test_every_step_is_measured_and_synced(trained):
-    summary, records, out, _ = trained
+    summary, records, out, *_ = trained
     assert [(r["arm"], r["step"]) for r in records] == [("off", 0), ("off", 1), ("r3", 0), ("r3", 1)]
     for r in records:
         assert r["weight_version"] == r["step"]  # step s samples with the weights of s optimizer rounds
@@ -53,8 +57,14 @@ def test_every_step_is_measured_and_synced(trained):
     assert summary["checks"]["r3_routing_agreement_100"] == {"steps": 2, "of": 2, "every_step": True}
 
 
+def test_no_progress_silences_every_bar(trained):
+    """The run made the model ("Writing model shards") and loaded it in transformers ("Loading weights")."""
+    *_, stderr = trained
+    assert "%|" not in stderr, stderr
+
+
 def test_outputs_are_written_atomically(trained):
-    summary, records, out, lines = trained
+    summary, records, out, lines, _ = trained
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "report.json", "report.md", "report.png"]
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
     assert json.loads((out / "report.json").read_text())["checks"] == summary["checks"]
