@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from rollout.atomic import atomic_write_text
+from rollout.engine.models.loader import read_checkpoint_tensors
 
 GiB = 2**30
 
@@ -68,15 +69,6 @@ def _same(a, b) -> bool:
                and np.array_equal(x.routed_experts.ids, y.routed_experts.ids) for x, y in zip(a, b))
 
 
-def _checkpoint_tensors(model: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(model.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
-
 
 def run(args: argparse.Namespace) -> dict:
     from rollout.engine.engine import Engine
@@ -110,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
             result["cycles"].append(row)
     if args.graphs:
         result["graph_capture_seconds"] = _timed(device, lambda: setattr(engine, "graphs", engine._make_graphs()))
-    host = _checkpoint_tensors(Path(args.model))
+    host = read_checkpoint_tensors(args.model)
     result["update_from_host_seconds"] = _timed(device, lambda: engine.update_weights(host, version=1))
     on_device = {k: v.to(device) for k, v in host.items()}
     host.clear()  # 16 GB of host memory back before the next copies

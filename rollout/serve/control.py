@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from concurrent.futures import TimeoutError as FutureTimeout
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from rollout.engine.models.loader import read_checkpoint_tensors
 from rollout.serve.engine_loop import EngineLoop
 
 PAUSE_MODES = ("abort", "retract", "in_place")
@@ -65,7 +65,10 @@ class EngineControl:
         if version is not None and not isinstance(version, str):
             return _failed(f"weight_version must be a string, got {version!r}")
         abort = _flag(body, "abort_all_requests", False)
-        tensors = _read_safetensors(path)
+        try:
+            tensors = read_checkpoint_tensors(path)
+        except ValueError as exc:
+            raise ValueError(f"model_path: {exc}") from None
 
         def update(engine: Any) -> tuple[str, int]:
             unfinished = len(engine._requests)
@@ -209,24 +212,3 @@ def _tags(body: Any) -> tuple[str, ...]:
     if not isinstance(tags, list) or not tags or any(t not in MEMORY_TAGS for t in tags):
         raise ValueError(f"tags must be a non-empty list of {list(MEMORY_TAGS)}, got {tags!r}")
     return tuple(tags)
-
-
-def _read_safetensors(path: str) -> dict[str, Any]:
-    """Every tensor of the ``*.safetensors`` files in ``path`` (a directory), read without pickle."""
-    from safetensors import SafetensorError, safe_open
-
-    directory = Path(path)
-    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
-    if not files:
-        raise ValueError(f"model_path {path!r} is not a directory with *.safetensors files")
-    tensors: dict[str, Any] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    if key in tensors:
-                        raise ValueError(f"tensor {key!r} appears in two files under {path!r}")
-                    tensors[key] = handle.get_tensor(key)
-        except SafetensorError as exc:
-            raise ValueError(f"{f.name}: not a readable safetensors file ({exc})") from None
-    return tensors

@@ -15,14 +15,33 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from rollout.engine.models import arch_from_config
 from rollout.engine.models.arch import ModelArch
 from rollout.engine.weights import LayerWeights, ModelWeights, WeightLayout, engine_tensors
 from rollout.moe_spec import read_config
 
-__all__ = ["LayerWeights", "ModelWeights", "load_weights", "layout_for"]
+__all__ = ["LayerWeights", "ModelWeights", "load_weights", "layout_for", "read_checkpoint_tensors"]
+
+
+def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in ``path`` (a directory), read without pickle."""
+    directory = Path(path)
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        raise ValueError(f"{str(path)!r} is not a directory with *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    if key in tensors:
+                        raise ValueError(f"tensor {key!r} appears in two files under {str(path)!r}")
+                    tensors[key] = handle.get_tensor(key)
+        except SafetensorError as exc:
+            raise ValueError(f"{f.name}: not a readable safetensors file ({exc})") from None
+    return tensors
 
 
 class _Tensors:

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rollout.engine.engine import Engine
+from rollout.engine.models.loader import read_checkpoint_tensors
 from rollout.engine.weights import engine_tensors
 from rollout.presets import ENGINE_PRESETS
 from rollout.types import SamplingParams
@@ -25,14 +25,6 @@ GREEDY = SamplingParams(max_new_tokens=10, temperature=0)
 SAMPLED = [SamplingParams(max_new_tokens=10, temperature=1.0, seed=i) for i in range(len(PROMPTS))]
 SMALL = dict(kv_slots=512, max_running_requests=8, max_batch_tokens=256)
 
-
-def _checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, under its hub (one tensor per expert) names."""
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -71,7 +63,7 @@ def test_update_equals_a_fresh_engine_on_the_new_weights(pair, spelling):
     old, new = pair
     engine = Engine(old, dtype="float32", **SMALL)
     before = _run(engine)
-    weights = _state_dict(new) if spelling == "trainer_state_dict" else _checkpoint(new)
+    weights = _state_dict(new) if spelling == "trainer_state_dict" else read_checkpoint_tensors(new)
     engine.update_weights(weights, version=1)
     got, want = _run(engine), _run(Engine(new, dtype="float32", **SMALL))
     _assert_same_rollouts(got, want)
@@ -90,12 +82,12 @@ def test_bf16_update_from_fp32_trainer_weights_equals_a_fresh_bf16_engine(tiny_m
 
 def test_partial_update_equals_a_checkpoint_with_only_those_tensors_changed(pair, tmp_path):
     old, new = pair
-    new_tensors = _checkpoint(new)
+    new_tensors = read_checkpoint_tensors(new)
     expert = next(k for k in new_tensors if ".experts.3." in k and ("gate_proj" in k or ".w1." in k))
     subset = {k: v for k, v in new_tensors.items() if k.startswith("model.layers.2.self_attn.k_proj")}
     subset[expert] = new_tensors[expert]  # one half of one expert's stacked gate_up
     subset["model.norm.weight"] = new_tensors["model.norm.weight"]
-    mixed = _write_checkpoint(old, tmp_path / "mixed", {**_checkpoint(old), **subset})
+    mixed = _write_checkpoint(old, tmp_path / "mixed", {**read_checkpoint_tensors(old), **subset})
     engine = Engine(old, dtype="float32", **SMALL)
     engine.update_weights(list(subset.items()), version=7)  # an iterable of pairs works too
     _assert_same_rollouts(_run(engine), _run(Engine(mixed, dtype="float32", **SMALL)))
@@ -296,7 +288,7 @@ def test_version_of_a_request_added_after_an_update(tiny_model_dir):
 
 def test_loader_names_a_missing_tensor_and_a_wrong_shape(tiny_model_dir, tmp_path):
     src = tiny_model_dir("tiny-mixtral", 0)
-    tensors = _checkpoint(src)
+    tensors = read_checkpoint_tensors(src)
     missing = "model.layers.2.block_sparse_moe.experts.5.w3.weight"
     with pytest.raises(ValueError, match=f"checkpoint has no tensor '{missing}'"):
         Engine(_write_checkpoint(src, tmp_path / "missing", {k: v for k, v in tensors.items() if k != missing}))
