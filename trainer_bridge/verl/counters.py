@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from trainer_bridge.replay import NO_ROUTE, ReplaySession
-from trainer_bridge.routers import moe_blocks_of
+from trainer_bridge.routers import in_checkpoint_recompute, moe_blocks_of
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ExpertProbe:
 
     def _hook(self, row: int):
         def on_experts(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if torch._C._current_graph_task_id() != -1:  # activation-checkpoint recompute: counted on the first pass
+            if in_checkpoint_recompute():  # counted on the first pass
                 return
             given = self.flat_routes[:, row]
             ids = args[1] if len(args) > 1 else None
