@@ -14,6 +14,8 @@
 #   kernels     every Triton kernel checked at the model's shapes; fused MoE and decode attention tuned; writes the
 #               tuned configs to $STATE/kernels (the engine reads them through R3_KERNEL_CONFIG_DIR) and to $OUT,
 #               and the engine options that avoid a failed kernel to $STATE/fallbacks.json
+#   layer_kernels  the two short workloads, built-in routes on, with layer_kernels=torch and =triton (fresh engines,
+#               the first in their process); the faster goes to $STATE/choices.json, which later stages pass on
 #   profile     per-kernel times of one decode step at batch 256 and 512 (torch.profiler), beside the step's floor
 #   throughput  the four workloads: built-in engine (routes on/off, overlap on/off) beside SGLang (routes on/off)
 #   replay      trainer replay overhead against native routing (bench/replay_overhead.py, issue 11)
@@ -28,7 +30,8 @@
 # summary.txt (one line a stage), and the stages' JSON files.
 # Environment: OUT (default ./gpu-out), MODEL (default /tmp/bench-qwen3-moe), STATE (default /tmp/r3-state: what a
 # later call on the same warm machine reuses), SGLANG_SITE (default: the PYTHONPATH entry that holds sglang, else
-# /tmp/sglang-site), SUITE_BUDGET, THROUGHPUT_ARGS, PROFILE_ARGS (extra flags).
+# /tmp/sglang-site), SUITE_BUDGET, THROUGHPUT_ARGS, PROFILE_ARGS, KERNELS_ARGS (extra flags; KERNELS_ARGS=--no-tune
+# checks the kernels against the tables committed in rollout/engine/kernels/configs, without tuning).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,15 +51,23 @@ export R3_KERNEL_CONFIG_DIR="$STATE/kernels"
 SUITE_START=$SECONDS
 LOG="$OUT/suite.log"
 
-# engine options that avoid kernels the kernels stage found broken, as --engine-option flags
+# engine options as --engine-option flags: the layer_kernels stage's choice, then what avoids kernels the kernels stage
+# found broken (a fallback wins over a choice)
 fallback_flags() {
-  [ -f "$STATE/fallbacks.json" ] || return 0
-  python3 -c 'import json,sys; [print(f"--engine-option {k}={json.dumps(v)}") for k, v in json.load(open(sys.argv[1])).items()]' \
-    "$STATE/fallbacks.json" | tr '\n' ' '
+  python3 - "$STATE/choices.json" "$STATE/fallbacks.json" <<'EOF' | tr '\n' ' '
+import json, os, sys
+options = {}
+for path in sys.argv[1:]:
+    if os.path.exists(path):
+        options.update(json.load(open(path)))
+for key, value in options.items():
+    print(f"--engine-option {key}={json.dumps(value)}")
+EOF
 }
 left() { echo $((SUITE_BUDGET - (SECONDS - SUITE_START))); }
 # the most a stage may take, so one slow stage leaves time for the next ones (the throughput stage: all that is left)
-declare -A STAGE_CAP=([env]=30 [tests]=200 [kernel_tests]=300 [checkpoint]=150 [roofline]=30 [kernels]=180 [profile]=150)
+declare -A STAGE_CAP=([env]=30 [tests]=200 [kernel_tests]=300 [checkpoint]=150 [roofline]=30 [kernels]=180 [profile]=150
+  [layer_kernels]=200)
 
 stage_env() {
   nvidia-smi || true
@@ -95,10 +106,29 @@ stage_roofline() { python3 -m bench.roofline --model "$MODEL" --json "$OUT/roofl
 
 stage_kernels() {
   python3 -m bench.kernels_microbench --budget-s $(( $(left) - 25 )) --tune-dir "$STATE/kernels" \
-    --fallbacks "$STATE/fallbacks.json" --json "$OUT/kernels.json"
+    --fallbacks "$STATE/fallbacks.json" --json "$OUT/kernels.json" ${KERNELS_ARGS:-}
   local rc=$?
   cp "$STATE"/kernels/*.json "$OUT"/ 2>/dev/null && ls "$STATE/kernels"
   return $rc
+}
+
+stage_layer_kernels() {
+  local kernels
+  for kernels in torch triton; do
+    # shellcheck disable=SC2046
+    python3 -m bench.rollout_throughput --model "$MODEL" --workload 64x128+64 256x128+64 --modes on/on \
+      $(fallback_flags) --engine-option layer_kernels=$kernels --json "$OUT/layer_kernels_$kernels.json" || return
+  done
+  python3 - "$OUT" "$STATE/choices.json" <<'EOF'
+import json, sys
+from rollout.atomic import atomic_write_text
+out, choices = sys.argv[1:]
+tok_s = {k: [m["tok_s"] for m in json.load(open(f"{out}/layer_kernels_{k}.json"))["measurements"]] for k in ("torch", "triton")}
+gain = [b / a for a, b in zip(tok_s["torch"], tok_s["triton"])]
+pick = "triton" if len(gain) == 2 and min(gain) > 1.0 else "torch"
+print(f"layer_kernels triton / torch per workload: {[round(g, 3) for g in gain]} -> {pick}")
+atomic_write_text(choices, json.dumps({"layer_kernels": pick}))
+EOF
 }
 
 stage_profile() {

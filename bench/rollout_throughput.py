@@ -9,8 +9,11 @@ and off with overlap on, and routes on with overlap off.
 from the call to its return with the device synchronised on both sides. Prompts are random
 token ids (the same ones for every engine), every request runs to exactly NEW tokens (no stop
 tokens: ``ignore_eos``), and each workload first runs an untimed warm-up of the same batch and
-prompt length on other prompts (4 new tokens), so one-off costs (compilation, allocator growth)
-stay out of the figure and no timed prompt is served from a prefix cache. The built-in engine
+prompt length on other prompts, with up to ``WARMUP_MAX_NEW_TOKENS`` new tokens: long enough that
+the warm-up walks through the same prefill/decode mix as the timed call, so one-off costs
+(Triton specialisations, allocator growth) stay out of the figure, and no timed prompt is served
+from a prefix cache. Both engines get the same warm-up. The built-in engine's counters after the
+timed call include its slowest steps (host time per ``step()``), where a one-off cost shows. The built-in engine
 runs its defaults (sized from free memory, like SGLang's ``mem_fraction_static``) plus any
 ``--engine-option``; SGLang gets decode CUDA graphs up to the largest batch
 (``cuda_graph_max_bs_decode``) unless an ``--sglang-option`` says otherwise.
@@ -52,7 +55,8 @@ from rollout.atomic import atomic_write_text
 QUICK_PRESET = "tiny-qwen3-moe"
 QUICK_WORKLOADS = ("4x16+8", "8x16+8")
 WARMUP_SEED_OFFSET = 1_000_003  # warm-up prompts never share a prefix with timed ones
-WARMUP_NEW_TOKENS = 4
+WARMUP_MAX_NEW_TOKENS = 64  # a 4-token warm-up left one-off costs in the timed call (H200, 2026-12-01: 256x128+64)
+SLOWEST_STEPS = 3  # how many of the timed call's slowest steps the stats name
 BUILTIN_MODES = ((True, True), (False, True), (True, False))  # (routes, overlap): the three the targets compare
 SGLANG_ROUTES = (True, False)
 # first guesses of a job's seconds beyond its workloads (load, graph capture), before one was measured
@@ -79,6 +83,45 @@ def make_prompts(vocab_size: int, w: Workload, seed: int) -> list[list[int]]:
     """Random token ids; the seed includes the shape so workloads share no prefix."""
     rng = np.random.default_rng([seed, w.batch, w.prompt_len])
     return rng.integers(0, vocab_size, size=(w.batch, w.prompt_len)).tolist()
+
+
+def warmup_new_tokens(w: Workload) -> int:
+    return min(w.new_tokens, WARMUP_MAX_NEW_TOKENS)
+
+
+class StepTimer:
+    """Host seconds of every ``engine.step()`` while installed, with the batch each one launched.
+
+    With overlap a step's time is the device's pace, so a step far above the others is a one-off cost
+    (a compile, an allocation) or a host stall, and the slowest ones say which step it was.
+    """
+
+    def __init__(self, engine) -> None:
+        self.engine, self.steps = engine, []
+
+    def __enter__(self) -> "StepTimer":
+        step = self.engine.step
+
+        def timed_step():
+            t0 = time.perf_counter()
+            out = step()
+            launched = self.engine._in_flight
+            shape = (len(launched.batch.requests), len(launched.batch.input_ids)) if launched is not None else (0, 0)
+            self.steps.append((time.perf_counter() - t0, *shape))
+            return out
+
+        self.engine.step = timed_step  # an instance attribute: generate() calls self.step()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.engine.step
+
+    def summary(self) -> dict:
+        times = [s[0] for s in self.steps]
+        slowest = sorted(range(len(times)), key=times.__getitem__, reverse=True)[:SLOWEST_STEPS]
+        return {"steps": len(times), "median_step_s": float(np.median(times)) if times else None,
+                "slowest_steps": [{"index": i, "seconds": times[i], "requests": self.steps[i][1],
+                                   "tokens": self.steps[i][2]} for i in slowest]}
 
 
 def _sync(device: str) -> None:
@@ -136,18 +179,20 @@ def bench_builtin(args: argparse.Namespace, vocab: int, routes: bool, overlap: b
             if time.monotonic() > deadline:
                 print(f"[builtin] {w.name}: skipped, budget spent", flush=True)
                 continue
-            warm = SamplingParams(max_new_tokens=WARMUP_NEW_TOKENS, temperature=args.temperature, seed=args.seed)
+            warm = SamplingParams(max_new_tokens=warmup_new_tokens(w), temperature=args.temperature, seed=args.seed)
             worker.generate(make_prompts(vocab, w, args.seed + WARMUP_SEED_OFFSET), warm)
             prompts = make_prompts(vocab, w, args.seed)
             sampling = SamplingParams(max_new_tokens=w.new_tokens, temperature=args.temperature, seed=args.seed)
             _sync(args.device)
-            t0 = time.perf_counter()
-            rollouts = worker.generate(prompts, sampling)
-            _sync(args.device)
-            seconds = time.perf_counter() - t0
+            with StepTimer(engine) as timer:
+                t0 = time.perf_counter()
+                rollouts = worker.generate(prompts, sampling)
+                _sync(args.device)
+                seconds = time.perf_counter() - t0
             tokens = sum(len(r.output_ids) for r in rollouts)
             results.append(Measurement("builtin", routes, overlap, w.name, w.batch, tokens, seconds, tokens / seconds,
-                                       note=check_rollouts(rollouts, w, routes), stats=dict(engine.stats)))
+                                       note=check_rollouts(rollouts, w, routes),
+                                       stats={**engine.stats, **timer.summary()}))
             _report(results[-1], args)
     return results
 
@@ -158,7 +203,8 @@ def bench_sglang(args: argparse.Namespace, vocab: int, routes: bool, deadline: f
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps({
             w.name: {"timed": make_prompts(vocab, w, args.seed), "new_tokens": w.new_tokens,
-                     "warmup": make_prompts(vocab, w, args.seed + WARMUP_SEED_OFFSET)}
+                     "warmup": make_prompts(vocab, w, args.seed + WARMUP_SEED_OFFSET),
+                     "warmup_new_tokens": warmup_new_tokens(w)}
             for w in args.workloads}))
         options = {"cuda_graph_max_bs_decode": max(w.batch for w in args.workloads), **args.sglang_option}
         cmd = [sys.executable, "-m", "bench.sglang_offline", "--model", str(args.model), "--prompts", str(prompts_file),

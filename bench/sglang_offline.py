@@ -6,7 +6,8 @@ nothing from this project. The engine options are the ones that avoid kernels le
 out of that install: triton attention, pytorch sampling, no grammar backend, no
 tokenizer (token ids in, token ids out).
 
-Input: ``--prompts FILE``, JSON ``{"<workload>": {"timed": [[ids]...], "warmup": [[ids]...], "new_tokens": N}}``.
+Input: ``--prompts FILE``, JSON ``{"<workload>": {"timed": [[ids]...], "warmup": [[ids]...], "new_tokens": N,
+"warmup_new_tokens": M}}``.
 Output: after each workload, one stdout line ``RESULT [{"workload", "batch", "tokens", "seconds", "tok_s", "note"}...]``
 holding every workload so far (the last line is the whole run; a run killed midway still leaves the
 workloads it finished); SGLang's own log goes to stderr.
@@ -21,7 +22,6 @@ import sys
 import time
 
 RESULT_PREFIX = "RESULT "
-WARMUP_NEW_TOKENS = 4
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for workload, prompts in prompts_by_workload.items():
-            warm = dict(max_new_tokens=WARMUP_NEW_TOKENS, temperature=args.temperature, ignore_eos=True)
+            warm = dict(max_new_tokens=int(prompts["warmup_new_tokens"]), temperature=args.temperature, ignore_eos=True)
             engine.generate(input_ids=prompts["warmup"], sampling_params=warm, return_routed_experts=routes)
             new_tokens = int(prompts["new_tokens"])
             sampling = dict(max_new_tokens=new_tokens, temperature=args.temperature, ignore_eos=True)

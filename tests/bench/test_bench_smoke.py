@@ -37,6 +37,10 @@ def test_throughput_quick_run_writes_its_table(tmp_path):
     (m,) = report["measurements"]
     assert (m["engine"], m["workload"], m["tokens"], m["note"]) == ("builtin", "2x8+3", 6, "")
     assert report["settings"]["builtin_config"]["dtype"] == "float32"
+    stats = m["stats"]  # the timed call's steps: one prefill, then a decode step per further token
+    assert stats["steps"] >= 3 and len(stats["slowest_steps"]) == 3
+    assert all(s["seconds"] > 0 and s["requests"] <= 2 for s in stats["slowest_steps"])
+    assert {s["tokens"] for s in stats["slowest_steps"]} <= {16, 2, 0}
 
 
 def test_throughput_budget_skips_jobs_that_cannot_fit(tmp_path):
