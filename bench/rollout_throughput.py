@@ -100,21 +100,26 @@ class StepTimer:
         self.engine, self.steps = engine, []
 
     def __enter__(self) -> "StepTimer":
-        step = self.engine.step
+        step, launch = self.engine.step, self.engine._launch_or_fail
+        shape = [0, 0]
+
+        def timed_launch(batch):
+            shape[:] = len(batch.requests), len(batch.input_ids)
+            return launch(batch)
 
         def timed_step():
+            shape[:] = 0, 0
             t0 = time.perf_counter()
             out = step()
-            launched = self.engine._in_flight
-            shape = (len(launched.batch.requests), len(launched.batch.input_ids)) if launched is not None else (0, 0)
             self.steps.append((time.perf_counter() - t0, *shape))
             return out
 
-        self.engine.step = timed_step  # an instance attribute: generate() calls self.step()
+        # instance attributes: generate() calls self.step(), step() calls self._launch_or_fail()
+        self.engine.step, self.engine._launch_or_fail = timed_step, timed_launch
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.engine.step
+        del self.engine.step, self.engine._launch_or_fail
 
     def summary(self) -> dict:
         times = [s[0] for s in self.steps]
