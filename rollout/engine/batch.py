@@ -17,20 +17,29 @@ from rollout.engine.models.layers import AttentionMetadata
 from rollout.engine.sampler import SamplingTensors
 from rollout.engine.scheduler import Batch
 
+VIEW_ALIGN_BYTES = 16  # the pointer alignment Triton specialises on
+
 
 def to_device(arrays: list[np.ndarray], dtype: np.dtype, device: torch.device) -> list[torch.Tensor]:
-    """Copy several host arrays in one (pinned, non-blocking) transfer; returns device views."""
-    flat = np.concatenate([np.asarray(a, dtype=dtype).reshape(-1) for a in arrays]) if arrays else np.zeros(0, dtype)
+    """Copy several host arrays in one (pinned, non-blocking) transfer; returns device views.
+
+    Every view starts on a ``VIEW_ALIGN_BYTES`` boundary. Triton compiles a kernel per pointer
+    alignment it meets (16 bytes or not), so unaligned views compiled new kernels in the middle of
+    serving: on the H200 a prefill of 65 sequences (an odd count of int64s before the next array) spent
+    0.45 s instead of 0.03 s in each of its first two steps (docs/benchmarks.md, issue 15).
+    """
+    dtype = np.dtype(dtype)
+    step = max(1, VIEW_ALIGN_BYTES // dtype.itemsize)
+    sizes = [int(np.asarray(a).size) for a in arrays]
+    starts = np.concatenate([[0], np.cumsum([-(-n // step) * step for n in sizes])]).astype(np.int64)
+    flat = np.zeros(int(starts[-1]), dtype)
+    for a, start, n in zip(arrays, starts, sizes):
+        flat[start : start + n] = np.asarray(a, dtype=dtype).reshape(-1)
     host = torch.from_numpy(flat)
     if device.type == "cuda":
         host = host.pin_memory()
     dev = host.to(device, non_blocking=True)
-    out, offset = [], 0
-    for a in arrays:
-        size = int(np.asarray(a).size)
-        out.append(dev[offset : offset + size].view(np.asarray(a).shape))
-        offset += size
-    return out
+    return [dev[start : start + n].view(np.asarray(a).shape) for a, start, n in zip(arrays, starts, sizes)]
 
 
 @dataclass

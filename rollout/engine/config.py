@@ -2,7 +2,7 @@
 
 Defaults depend on the device, so the fast path is the one a plain ``Engine(path, device="cuda")``
 gets: on CUDA the checkpoint's dtype, the Triton kernels (paged attention, fused MoE, fused
-norms), CUDA graphs, a KV pool sized from free device memory and a warm-up before serving; on CPU float32 and the
+norms), CUDA graphs, and a KV pool sized from free device memory; on CPU float32 and the
 torch paths, whose numbers the CPU tests and recipes are pinned to. ``"auto"`` / ``None``
 mean "the default for this device"; ``resolved()`` turns them into concrete values.
 """
@@ -62,7 +62,6 @@ class EngineConfig:
     moe_backend: str = AUTO  # CPU: torch; CUDA: triton
     layer_kernels: str = AUTO  # torch on both devices until the Triton layer kernels have run in a GPU benchmark
     cuda_graph: bool | None = None  # replay decode steps from CUDA graphs; None: on for CUDA
-    warmup: bool | None = None  # run every step shape once before serving (rollout/engine/warmup.py); None: on for CUDA
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES + (AUTO,):
@@ -107,7 +106,7 @@ class EngineConfig:
     def is_resolved(self) -> bool:
         """True once no device-dependent default is left (``kv_slots``/``max_running_requests`` aside)."""
         return AUTO not in (self.dtype, self.attention_backend, self.prefill_attention_backend, self.moe_backend,
-                            self.layer_kernels) and None not in (self.cuda_graph, self.warmup, self.max_batch_tokens)
+                            self.layer_kernels) and None not in (self.cuda_graph, self.max_batch_tokens)
 
     def resolved(self, checkpoint_dtype: str | None = None) -> "EngineConfig":
         """Every ``auto`` replaced by this device's default, then the combination checked.
@@ -135,7 +134,6 @@ class EngineConfig:
             layer_kernels=fast if self.layer_kernels == AUTO else self.layer_kernels,
             max_batch_tokens=self.max_batch_tokens or (CUDA_MAX_BATCH_TOKENS if cuda else CPU_MAX_BATCH_TOKENS),
             cuda_graph=self.cuda_graph,
-            warmup=cuda if self.warmup is None else self.warmup,
         )
         if self.cuda_graph is None:
             # graphs need the kernels that never read a value back to the host

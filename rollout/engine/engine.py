@@ -40,7 +40,6 @@ from rollout.engine.memory import size_from_memory
 from rollout.engine.models.model import Kernels, MoEModel
 from rollout.engine.sampler import sample
 from rollout.engine.scheduler import BLOCKED, Batch, Request, Scheduler
-from rollout.engine.warmup import warm_up
 from rollout.engine.weight_update import Version, WeightSync, flush_caches
 from rollout.moe_spec import MoESpec, read_config
 from rollout.routed_experts import RoutedExperts
@@ -96,7 +95,6 @@ class Engine:
         self._torch_attention = "torch" in (self.config.attention_backend, self.config.prefill_attention_backend)
         self._weights = WeightSync()  # weight version, per-request token versions (rollout/engine/weight_update.py)
         self._memory = ColocatedMemory()  # release/resume for a colocated trainer (rollout/engine/colocation.py)
-        self.warmup_report = warm_up(self) if self.config.warmup else None  # last: it runs the whole engine
 
     def _make_graphs(self) -> DecodeGraphs | None:
         if not self.config.cuda_graph:

@@ -36,8 +36,8 @@ def test_context_limit_is_clipped_to_the_pool():
 
 def test_cpu_defaults_stay_the_torch_float32_path():
     c = EngineConfig().resolved("bfloat16")
-    assert (c.dtype, c.attention_backend, c.prefill_attention_backend, c.moe_backend, c.layer_kernels, c.cuda_graph,
-            c.warmup) == ("float32", "torch", "torch", "torch", "torch", False, False)
+    assert (c.dtype, c.attention_backend, c.prefill_attention_backend, c.moe_backend, c.layer_kernels, c.cuda_graph) == (
+        "float32", "torch", "torch", "torch", "torch", False)
     assert c.max_batch_tokens == CPU_MAX_BATCH_TOKENS and c.is_resolved
 
 
@@ -45,7 +45,7 @@ def test_cuda_defaults_are_the_fast_path():
     values = EngineConfig().defaults_for(cuda=True, checkpoint_dtype="bfloat16")
     assert values == dict(dtype="bfloat16", attention_backend="triton", prefill_attention_backend="triton",
                           moe_backend="triton", layer_kernels="triton", max_batch_tokens=CUDA_MAX_BATCH_TOKENS,
-                          cuda_graph=True, warmup=True)
+                          cuda_graph=True)
     assert EngineConfig().defaults_for(cuda=True, checkpoint_dtype="float32")["dtype"] == "float32"
     assert EngineConfig().defaults_for(cuda=True, checkpoint_dtype=None)["dtype"] == "bfloat16"
     # explicit choices win; torch experts cannot be graphed, so the graph default follows them
