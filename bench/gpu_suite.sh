@@ -159,7 +159,8 @@ stage_train() {
 
 stage_sglang_weights() {
   if [ ! -f "$SGLANG_SITE/sglang/__init__.py" ]; then echo "no SGLang at $SGLANG_SITE: skipped"; return 1; fi
-  python3 -m bench.sglang_weights_check --sglang-site "$SGLANG_SITE" --out "$OUT"
+  # this process imports rollout.sglang, whose reply models need pydantic: the image lacks it, SGLang's site has it
+  PYTHONPATH="$REPO:$SGLANG_SITE" python3 -m bench.sglang_weights_check --sglang-site "$SGLANG_SITE" --out "$OUT"
 }
 
 run_stage() {
@@ -171,7 +172,7 @@ run_stage() {
   [ "$cap" -lt "$limit" ] && limit=$cap
   echo "=== $name (suite at $((SECONDS - SUITE_START))s, ${limit}s left)" | tee -a "$LOG"
   # a child bash under timeout, so one hung stage cannot eat the whole call
-  export -f "stage_$name" fallback_flags left; export OUT MODEL STATE SGLANG_SITE SUITE_BUDGET SUITE_START
+  export -f "stage_$name" fallback_flags left; export REPO OUT MODEL STATE SGLANG_SITE SUITE_BUDGET SUITE_START
   # inside the stage, left() counts down from this stage's own limit
   timeout --kill-after=10 "$((limit - 5))" bash -c "SUITE_BUDGET=$limit; SUITE_START=0; SECONDS=0; stage_$name" 2>&1 \
     | tee -a "$LOG" | tail -n 40
