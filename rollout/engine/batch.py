@@ -28,18 +28,20 @@ def to_device(arrays: list[np.ndarray], dtype: np.dtype, device: torch.device) -
     serving: on the H200 a prefill of 65 sequences (an odd count of int64s before the next array) spent
     0.45 s instead of 0.03 s in each of its first two steps (docs/benchmarks.md, issue 15).
     """
-    dtype = np.dtype(dtype)
-    step = max(1, VIEW_ALIGN_BYTES // dtype.itemsize)
-    sizes = [int(np.asarray(a).size) for a in arrays]
-    starts = np.concatenate([[0], np.cumsum([-(-n // step) * step for n in sizes])]).astype(np.int64)
-    flat = np.zeros(int(starts[-1]), dtype)
-    for a, start, n in zip(arrays, starts, sizes):
-        flat[start : start + n] = np.asarray(a, dtype=dtype).reshape(-1)
+    arrays = [np.asarray(a) for a in arrays]
+    step = max(1, VIEW_ALIGN_BYTES // np.dtype(dtype).itemsize)  # elements per aligned unit
+    starts, total = [], 0
+    for a in arrays:
+        starts.append(total)
+        total += -(-a.size // step) * step
+    flat = np.zeros(total, dtype)
+    for a, start in zip(arrays, starts):
+        flat[start : start + a.size] = a.reshape(-1)
     host = torch.from_numpy(flat)
     if device.type == "cuda":
         host = host.pin_memory()
     dev = host.to(device, non_blocking=True)
-    return [dev[start : start + n].view(np.asarray(a).shape) for a, start, n in zip(arrays, starts, sizes)]
+    return [dev[start : start + a.size].view(a.shape) for a, start in zip(arrays, starts)]
 
 
 @dataclass

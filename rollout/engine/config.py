@@ -106,7 +106,7 @@ class EngineConfig:
     def is_resolved(self) -> bool:
         """True once no device-dependent default is left (``kv_slots``/``max_running_requests`` aside)."""
         return AUTO not in (self.dtype, self.attention_backend, self.prefill_attention_backend, self.moe_backend,
-                            self.layer_kernels) and None not in (self.cuda_graph, self.max_batch_tokens)
+                            self.layer_kernels) and self.cuda_graph is not None and self.max_batch_tokens is not None
 
     def resolved(self, checkpoint_dtype: str | None = None) -> "EngineConfig":
         """Every ``auto`` replaced by this device's default, then the combination checked.
