@@ -405,9 +405,10 @@ class Engine:
     def _route_rows(self, r: Request, n: int) -> np.ndarray:
         """Routes of positions ``[0, n)``: snapshot from a preemption first, then the host cache by slot."""
         cache = self.capture.host_cache
-        rows = np.full((n,) + cache.shape[1:], np.iinfo(cache.dtype).max, dtype=cache.dtype)
+        rows = np.empty((n,) + cache.shape[1:], dtype=cache.dtype)
         m = min(n, len(r.slots))
-        rows[:m] = self.capture.gather(r.slots[:m])
+        self.capture.gather(r.slots[:m], rows)
+        rows[m:] = np.iinfo(cache.dtype).max
         if r.saved_routes is not None:
             s = min(n, len(r.saved_routes))
             rows[:s] = r.saved_routes[:s]

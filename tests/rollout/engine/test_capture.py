@@ -22,7 +22,9 @@ def test_many_experts_use_uint16_end_to_end():
     cap.record(0, torch.tensor([[299, 256], [0, 1]]))
     cap.copy_to_cpu(np.array([1, 2])).finalize(cap.host_cache)
     assert cap.host_cache.dtype == np.dtype("<u2")
-    assert cap.gather([1, 2]).tolist() == [[[299, 256]], [[0, 1]]]
+    rows = np.full((3, 1, 2), 7, dtype=cap.host_dtype)
+    cap.gather([1, 2], rows)
+    assert rows.tolist() == [[[299, 256]], [[0, 1]], [[7, 7]]]  # only the first len(slots) rows are written
 
 
 def test_staging_buffers_alternate_so_an_unfinalized_step_is_not_overwritten():
