@@ -45,6 +45,10 @@ from rollout.moe_spec import MoESpec, read_config
 from rollout.routed_experts import RoutedExperts
 from rollout.types import ERROR_META_KEY, FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, Rollout, SamplingParams
 
+# Fewest final rows of a request's routes worth copying out of the host cache while a step runs:
+# at one row per decode step each request copies every 16 steps, not every step (each copy is a numpy call).
+ROUTE_COPY_ROWS = 16
+
 
 @dataclass
 class _Launched:
@@ -320,13 +324,18 @@ class Engine:
         return _Launched(batch, next_ids, logprobs, routes, copy_done)
 
     def _process(self, launched: _Launched) -> list[tuple[int, Rollout]]:
+        batch = launched.batch
+        if self.capture is not None:
+            self._copy_routes_while_running(batch.requests, launched.copy_done)
         if launched.copy_done is not None:
             launched.copy_done.synchronize()
-        batch = launched.batch
         done_before = np.asarray([r.finish_reason is not None for r in batch.requests], dtype=bool)
         if launched.routes is not None:
             keep = np.repeat(~done_before, batch.extend_lens) if done_before.any() else None
             launched.routes.finalize(self.capture.host_cache, keep)
+            chunk_ends = (batch.positions[np.cumsum(batch.extend_lens) - 1] + 1).tolist()
+            for r, end in zip(batch.requests, chunk_ends):
+                r.routes_final = end
         tokens = launched.next_ids.tolist() if launched.next_ids is not None else []
         lps = launched.logprobs.tolist() if launched.logprobs is not None else []
         finished, j = [], 0
@@ -402,22 +411,45 @@ class Engine:
             self.scheduler.finish(r, FINISH_ABORT)
             self._weights.forget(rid)
 
+    def _copy_routes(self, r: Request, upto: int) -> None:
+        """Copy ``r``'s routes of positions ``[routes_copied, upto)`` from the host cache into its own array.
+
+        Rows copied once are kept: after a preemption they are the routes the sampled tokens were
+        made with, whatever a recompute would route.
+        """
+        if r.routes is None:  # room for every position the request can reach; untouched pages cost nothing
+            shape = self.capture.host_cache.shape
+            r.routes = np.empty((len(r.prompt_ids) + r.output_budget,) + shape[1:], dtype=self.capture.host_dtype)
+        if upto > r.routes_copied:
+            self.capture.gather(r.slots[r.routes_copied : upto], r.routes[r.routes_copied : upto])
+            r.routes_copied = upto
+
+    def _copy_routes_while_running(self, requests: list[Request], copy_done: torch.cuda.Event | None) -> None:
+        """While the device runs the step being processed, copy the final rows of its requests' routes.
+
+        Without it every request's routes are gathered when it finishes, and an RL batch finishes
+        in one step with nothing on the device to hide that under: 302 MB at 512 x 1.5K tokens,
+        0.25 s of a 10.8 s batch on the H200. Here the host's idle wait does it, ``ROUTE_COPY_ROWS``
+        rows or more a request at a time, and stops once the step is done (on CPU there is no wait
+        to fill: everything due is copied).
+        """
+        for r in requests:
+            if r.finish_reason is None and r.routes_final - r.routes_copied >= ROUTE_COPY_ROWS:
+                if copy_done is not None and copy_done.query():
+                    return
+                self._copy_routes(r, r.routes_final)
+
     def _route_rows(self, r: Request, n: int) -> np.ndarray:
-        """Routes of positions ``[0, n)``: snapshot from a preemption first, then the host cache by slot."""
-        cache = self.capture.host_cache
-        rows = np.empty((n,) + cache.shape[1:], dtype=cache.dtype)
-        m = min(n, len(r.slots))
-        self.capture.gather(r.slots[:m], rows)
-        rows[m:] = np.iinfo(cache.dtype).max
-        if r.saved_routes is not None:
-            s = min(n, len(r.saved_routes))
-            rows[:s] = r.saved_routes[:s]
+        """Routes of positions ``[0, n)``: the request's copied rows, the rest from the host cache by slot."""
+        self._copy_routes(r, min(n, len(r.slots)))
+        rows = r.routes[:n]
+        rows[r.routes_copied :] = np.iinfo(rows.dtype).max  # positions never fed (an abort): no route
         return rows
 
     def _snapshot_routes(self, r: Request) -> None:
         """Before a preemption frees ``r``'s slots: the routes the sampled tokens were made with."""
         if self.capture is not None:
-            r.saved_routes = self._route_rows(r, len(r.slots))
+            self._copy_routes(r, len(r.slots))
 
     def _routes_of(self, r: Request) -> RoutedExperts:
         """Rows for positions ``[start_len, seq_len - 1)``: the last sampled token never went through the model."""

@@ -10,7 +10,7 @@ learned one step late (the engine discards that extra token).
 Policy (SGLang's default): prefill first (continuing chunked prefills, then admitting
 waiting requests FIFO within ``max_batch_tokens``, free rows and free slots), else one
 decode token for every running request. When the pool runs dry the newest running
-request is preempted: its routes are snapshotted into the request, its KV goes to the
+request is preempted: its routes are copied into the request, its KV goes to the
 prefix cache (evictable, so the resume may reuse what survives), and it goes back to
 the front of the queue. Preemption needs every finalize done, so with steps in
 flight the scheduler answers ``BLOCKED`` and the engine drains first.
@@ -46,7 +46,11 @@ class Request:
     table_synced: int = 0  # device request table holds slots[:table_synced] for this row
     inflight_samples: int = 0  # launched, unprocessed steps that sample a token for this request
     inflight_steps: int = 0  # launched, unprocessed steps that feed tokens of this request
-    saved_routes: np.ndarray | None = None  # routes of positions [0, len) kept across preemption
+    # routes of positions [0, routes_copied), copied out of the slot-keyed host cache into the request's own
+    # array (rollout/engine/engine.py: while the device runs a step, before a preemption frees the slots, at finish)
+    routes: np.ndarray | None = None
+    routes_copied: int = 0
+    routes_final: int = 0  # the host cache holds final routes of positions [0, routes_final) in this request's slots
     finish_reason: str | None = None
     abort_requested: bool = False
     error: str | None = None  # set when serving this request failed: it leaves as an abort, its KV uncached
@@ -229,7 +233,7 @@ class Scheduler:
         self.waiting.append(r)
 
     def preempt(self, r: Request) -> None:
-        """Requeue ``r`` at the front; its routes so far move into the request. Needs no step in flight."""
+        """Requeue ``r`` at the front; its routes so far are copied into the request. Needs no step in flight."""
         assert r.inflight_steps == 0, "preemption needs the request's steps finalized"
         self._snapshot_routes(r)
         self._release_kv(r, keep_in_cache=len(r.slots))  # cached, so the resume may skip recomputing it

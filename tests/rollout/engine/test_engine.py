@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rollout.engine.engine import Engine
+from rollout.engine.engine import ROUTE_COPY_ROWS, Engine
 from rollout.types import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams
 
 STOPS = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
@@ -87,6 +87,31 @@ def test_preemption_with_a_tiny_pool_matches_a_large_pool(qwen3_dir, reference, 
     assert engine.stats["preemptions"] > 0, "the pool was meant to be too small"
     assert any(r.meta["preemptions"] for r in out)
     _assert_same(ref, out, "preemption")
+
+
+def test_routes_are_copied_out_while_the_batch_runs_and_equal_the_host_cache(qwen3_dir):
+    """Equal-length requests all finish in one step; entering it, their routes are already copied into
+    them but for the last few rows (``Engine._copy_routes_while_running``), and what comes back is
+    exactly what the slot-keyed host cache holds for their tokens."""
+    prompt_len, new_tokens = 20, 40
+    engine = Engine(qwen3_dir)
+    prompts = np.random.default_rng(3).integers(0, 512, size=(3, prompt_len)).tolist()
+    rids = [engine.add_request(p, SamplingParams(max_new_tokens=new_tokens, temperature=0)) for p in prompts]
+    finished, copied_entering_last_step = {}, []
+    while len(finished) < len(rids):
+        copied = [engine._requests[rid].routes_copied for rid in rids if rid in engine._requests]
+        out = engine.step()
+        if out:
+            copied_entering_last_step = copied
+        finished.update(out)
+    rows = prompt_len + new_tokens - 1  # the last sampled token never went through the model
+    assert len(copied_entering_last_step) == len(rids)
+    assert all(rows - 2 * ROUTE_COPY_ROWS <= c < rows for c in copied_entering_last_step), copied_entering_last_step
+    for rid in rids:
+        rollout = finished[rid]
+        slots = engine.scheduler.prefix_cache.match(rollout.token_ids[:rows]).slots  # the finished KV went there
+        assert len(slots) == rows
+        np.testing.assert_array_equal(rollout.routed_experts.ids, engine.capture.host_cache[list(slots)])
 
 
 def test_prefix_reuse_returns_the_same_routes_without_recomputing(qwen3_dir):
