@@ -30,8 +30,9 @@
 # summary.txt (one line a stage), and the stages' JSON files.
 # Environment: OUT (default ./gpu-out), MODEL (default /tmp/bench-qwen3-moe), STATE (default /tmp/r3-state: what a
 # later call on the same warm machine reuses), SGLANG_SITE (default: the PYTHONPATH entry that holds sglang, else
-# /tmp/sglang-site), SUITE_BUDGET, THROUGHPUT_ARGS, PROFILE_ARGS, KERNELS_ARGS (extra flags; KERNELS_ARGS=--no-tune
-# checks the kernels against the tables committed in rollout/engine/kernels/configs, without tuning).
+# /tmp/sglang-site), SUITE_BUDGET, THROUGHPUT_ARGS, PROFILE_ARGS, KERNELS_ARGS, SGLANG_WEIGHTS_ARGS (extra flags;
+# KERNELS_ARGS=--no-tune checks the kernels against the tables committed in rollout/engine/kernels/configs, without
+# tuning; SGLANG_WEIGHTS_ARGS=--memory-saver starts SGLang with --enable-memory-saver, so release/resume free memory).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -160,7 +161,9 @@ stage_train() {
 stage_sglang_weights() {
   if [ ! -f "$SGLANG_SITE/sglang/__init__.py" ]; then echo "no SGLang at $SGLANG_SITE: skipped"; return 1; fi
   # this process imports rollout.sglang, whose reply models need pydantic: the image lacks it, SGLang's site has it
-  PYTHONPATH="$REPO:$SGLANG_SITE" python3 -m bench.sglang_weights_check --sglang-site "$SGLANG_SITE" --out "$OUT"
+  # shellcheck disable=SC2086
+  PYTHONPATH="$REPO:$SGLANG_SITE" python3 -m bench.sglang_weights_check --sglang-site "$SGLANG_SITE" --out "$OUT" \
+    ${SGLANG_WEIGHTS_ARGS:-}
 }
 
 run_stage() {
